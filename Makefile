@@ -1,0 +1,27 @@
+# Two commands: `make train` and `make test`. Both create .venv when it is missing.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# The CPU build of torch that lies on disk on our machines; a torch already in the venv
+# (for example a user's CUDA build) is left alone.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: venv test bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+test: venv
+	$(PY) -m pytest -q tests
+
+bench: venv
+	$(PY) scripts/bench_layer.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

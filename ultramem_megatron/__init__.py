@@ -1,0 +1,1 @@
+"""ultramem-megatron: pretraining language models with UltraMem layers on megatron-core."""

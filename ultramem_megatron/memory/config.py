@@ -1,0 +1,117 @@
+"""Typed, validated configuration of the memory layers (UltraMem and the PKM baseline)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+
+class MemoryConfigError(ValueError):
+    """A memory-layer configuration that cannot work; the message names the field."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise MemoryConfigError(message)
+
+
+@dataclass(frozen=True)
+class UltraMemConfig:
+    """One UltraMem layer (spec section 1). Defaults are the paper's common configuration."""
+
+    num_keys: int                      # n: physical keys per axis, N = n^2 physical values
+    key_dim: int                       # D_k: row / column query and key width
+    topk: int = 16                     # m: values kept per head
+    phase1_topk: Optional[int] = None  # row / column candidates in phase 1 (default: topk)
+    value_dim: Optional[int] = None    # D_v (default: hidden_size // 2)
+    num_heads: int = 2                 # H: key sets sharing one query
+    expansion: int = 4                 # E: virtual expansion rate, a perfect square
+    tucker_rank: int = 2               # r
+    num_cores: int = 2                 # h: multi-core scoring
+    qk_norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    query_conv_kernel: int = 0         # causal depthwise conv before the query; 0 = off
+    aux_loss_weight: float = 0.001     # alpha of the Tucker aux loss
+    aux_loss_margin: float = 0.15      # tau of the Tucker aux loss
+    init: Literal["paper", "official"] = "paper"
+    value_lr_start_mult: float = 10.0  # value LR multiplier at step 0, decays linearly to 1
+    value_lr_decay_fraction: float = 1.0  # fraction of training over which it decays
+    shuffle_seed: int = 0              # seed of the virtual-address permutation
+
+    def __post_init__(self) -> None:
+        _require(self.num_keys >= 1, f"memory.num_keys must be >= 1, got {self.num_keys}")
+        _require(self.key_dim >= 1, f"memory.key_dim must be >= 1, got {self.key_dim}")
+        _require(self.num_heads >= 1, f"memory.num_heads must be >= 1, got {self.num_heads}")
+        _require(self.tucker_rank >= 1, f"memory.tucker_rank must be >= 1, got {self.tucker_rank}")
+        _require(self.num_cores >= 1, f"memory.num_cores must be >= 1, got {self.num_cores}")
+        root = math.isqrt(self.expansion)
+        _require(self.expansion >= 1 and root * root == self.expansion,
+                 f"memory.expansion must be a perfect square (1, 4, 9, 16, ...), got {self.expansion}")
+        _require(self.topk >= 1, f"memory.topk must be >= 1, got {self.topk}")
+        width = self.candidates_per_axis
+        _require(1 <= width <= self.keys_per_axis,
+                 f"memory.phase1_topk ({width}) must be in [1, sqrt(expansion)*num_keys = "
+                 f"{self.keys_per_axis}]")
+        _require(self.topk <= width * width,
+                 f"memory.topk ({self.topk}) must be <= phase1_topk^2 ({width * width}): "
+                 "phase 2 chooses among phase1_topk x phase1_topk candidates")
+        _require(self.qk_norm in ("rmsnorm", "layernorm"),
+                 f"memory.qk_norm must be 'rmsnorm' or 'layernorm', got {self.qk_norm!r}")
+        _require(self.query_conv_kernel >= 0,
+                 f"memory.query_conv_kernel must be >= 0, got {self.query_conv_kernel}")
+        _require(self.init in ("paper", "official"),
+                 f"memory.init must be 'paper' or 'official', got {self.init!r}")
+        _require(self.aux_loss_weight >= 0, "memory.aux_loss_weight must be >= 0")
+        _require(self.value_lr_start_mult >= 1.0,
+                 f"memory.value_lr_start_mult must be >= 1, got {self.value_lr_start_mult}")
+        _require(0.0 < self.value_lr_decay_fraction <= 1.0,
+                 "memory.value_lr_decay_fraction must be in (0, 1]")
+        if self.value_dim is not None:
+            self.check_value_dim(self.value_dim)
+
+    def check_value_dim(self, value_dim: int) -> None:
+        _require(value_dim >= 1 and value_dim % self.num_cores == 0,
+                 f"memory.value_dim ({value_dim}) must be a positive multiple of "
+                 f"memory.num_cores ({self.num_cores}): core c scales chunk c of each value")
+
+    @property
+    def num_values(self) -> int:
+        """N: physical value rows."""
+        return self.num_keys * self.num_keys
+
+    @property
+    def keys_per_axis(self) -> int:
+        """sqrt(E) * n: row (and column) keys actually instantiated."""
+        return math.isqrt(self.expansion) * self.num_keys
+
+    @property
+    def candidates_per_axis(self) -> int:
+        return self.phase1_topk if self.phase1_topk is not None else self.topk
+
+    def resolved_value_dim(self, hidden_size: int) -> int:
+        value_dim = self.value_dim if self.value_dim is not None else hidden_size // 2
+        self.check_value_dim(value_dim)
+        return value_dim
+
+
+@dataclass(frozen=True)
+class PKMConfig:
+    """Product-key memory baseline (Lample et al. 2019): additive scores, softmax, BatchNorm query."""
+
+    num_keys: int              # sub-keys per half; num_keys^2 values of width hidden_size
+    key_dim: int = 256         # d_q: full query width, split into two halves
+    topk: int = 32             # k
+    num_heads: int = 4
+    query_batchnorm: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.num_keys >= 1, f"pkm.num_keys must be >= 1, got {self.num_keys}")
+        _require(self.key_dim >= 2 and self.key_dim % 2 == 0,
+                 f"pkm.key_dim must be even (two halves), got {self.key_dim}")
+        _require(1 <= self.topk <= self.num_keys,
+                 f"pkm.topk ({self.topk}) must be in [1, num_keys = {self.num_keys}]")
+        _require(self.num_heads >= 1, f"pkm.num_heads must be >= 1, got {self.num_heads}")
+
+    @property
+    def num_values(self) -> int:
+        return self.num_keys * self.num_keys

@@ -1,0 +1,70 @@
+"""UltraMemLayer: the paper's memory layer as a megatron-core module, [s, b, D] in and out."""
+
+# Axis legend
+#   s  sequence    b  micro-batch    t = s*b tokens    D  hidden size
+#   k  retrieved items per token (H*m)                 c  Tucker cores
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import nn
+
+from .config import UltraMemConfig
+from .init import init_ultramem
+from .retrieval import TuckerRetrieval
+from .value_lr import mark_value_param
+from .values import ImplicitValueExpansion
+
+
+class CausalDepthwiseConv(nn.Module):
+    """Depthwise convolution over the sequence axis that sees only the past; identity at init."""
+
+    def __init__(self, channels: int, kernel: int, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.kernel = kernel
+        weight = torch.zeros(channels, 1, kernel, dtype=dtype, device=device)
+        weight[:, 0, -1] = 1.0
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [s, b, D] -> [s, b, D]."""
+        y = F.conv1d(F.pad(x.permute(1, 2, 0), (self.kernel - 1, 0)), self.weight,
+                     groups=x.shape[-1])  # [b, D, s]
+        return y.permute(2, 0, 1)
+
+
+class UltraMemLayer(MegatronModule):
+    """Block i's pre-FFN normed input [s, b, D] -> (memory output [s, b, D], Tucker aux loss).
+
+    query (optional causal conv) -> TDQKR two-phase top-m -> implicit value expansion -> Linear.
+    The caller adds the output to the residual stream after block j (skip-layer) and the aux loss
+    to the training loss, and calls refresh_rank1() once per optimizer step.
+    """
+
+    def __init__(self, config: TransformerConfig, memory: UltraMemConfig):
+        super().__init__(config)
+        hidden, dtype = config.hidden_size, config.params_dtype
+        self.memory = memory
+        self.query_conv = (CausalDepthwiseConv(hidden, memory.query_conv_kernel, dtype)
+                           if memory.query_conv_kernel > 0 else None)
+        self.retrieval = TuckerRetrieval(memory, hidden, dtype)
+        self.values = ImplicitValueExpansion(
+            memory.num_values, memory.resolved_value_dim(hidden), memory.expansion, hidden,
+            memory.shuffle_seed, dtype)
+        mark_value_param(self.values.values)
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        init_ultramem(self.retrieval, self.values, self.config.num_layers, self.memory.init,
+                      generator)
+
+    def refresh_rank1(self) -> None:
+        self.retrieval.refresh_rank1()
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seq, batch, width = hidden.shape
+        query_input = self.query_conv(hidden) if self.query_conv is not None else hidden
+        virtual_idx, core_scores = self.retrieval(query_input.reshape(seq * batch, width))
+        out = self.values(virtual_idx, core_scores)  # [t, D]
+        return out.view(seq, batch, width), self.retrieval.aux_loss()

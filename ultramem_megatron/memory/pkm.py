@@ -1,0 +1,70 @@
+"""PKM baseline (Lample et al. 2019): product keys, additive scores, softmax over the top-k."""
+
+# Axis legend
+#   s  sequence    b  micro-batch    t = s*b tokens    D  hidden size (= value width)
+#   h  heads       n  sub-keys per half    k  top-k    q  half query width (d_q / 2)
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import nn
+
+from .config import PKMConfig
+from .value_lr import mark_value_param
+
+
+def product_key_topk(s_first: torch.Tensor, s_second: torch.Tensor, topk: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of s_first[a] + s_second[b] over the n x n grid.
+
+    s_first, s_second [t, h, n] -> (value rows a * n + b [t, h, k], scores [t, h, k]).
+    Exact because the k best sums only use each half's k best entries.
+    """
+    num_keys = s_first.shape[-1]
+    first, second = s_first.topk(topk, -1), s_second.topk(topk, -1)
+    grid = first.values.unsqueeze(-1) + second.values.unsqueeze(-2)  # [t, h, k, k]
+    scores, best = grid.flatten(2).topk(topk, -1)
+    rows = (first.indices.gather(-1, best // topk) * num_keys
+            + second.indices.gather(-1, best % topk))
+    return rows, scores
+
+
+class ProductKeyMemory(MegatronModule):
+    """x [s, b, D] -> (sum over heads of softmax-weighted values [s, b, D], zero aux loss)."""
+
+    def __init__(self, config: TransformerConfig, pkm: PKMConfig):
+        super().__init__(config)
+        hidden, dtype = config.hidden_size, config.params_dtype
+        self.pkm = pkm
+        half = pkm.key_dim // 2
+        self.query_proj = nn.Linear(hidden, pkm.num_heads * pkm.key_dim, bias=False, dtype=dtype)
+        self.query_bn = (nn.BatchNorm1d(pkm.num_heads * pkm.key_dim, dtype=dtype)
+                         if pkm.query_batchnorm else nn.Identity())
+        self.keys = nn.Parameter(torch.empty(pkm.num_heads, 2, pkm.num_keys, half, dtype=dtype))
+        self.values = mark_value_param(nn.Parameter(torch.empty(pkm.num_values, hidden, dtype=dtype)))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """XLM's init: keys U(-1/sqrt(q), 1/sqrt(q)), values N(0, 1/D)."""
+        half = self.keys.shape[-1]
+        nn.init.uniform_(self.keys, -half ** -0.5, half ** -0.5)
+        nn.init.normal_(self.values, std=self.values.shape[1] ** -0.5)
+        nn.init.normal_(self.query_proj.weight, std=self.query_proj.in_features ** -0.5)
+
+    def refresh_rank1(self) -> None:
+        """PKM has no rank-1 filter; present so every memory layer has one interface."""
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seq, batch, width = hidden.shape
+        tokens, heads, half = seq * batch, self.pkm.num_heads, self.keys.shape[-1]
+        query = self.query_bn(self.query_proj(hidden.reshape(tokens, width)))
+        query = query.view(tokens, heads, 2, half)
+        s_first = torch.einsum("thq,hnq->thn", query[:, :, 0], self.keys[:, 0])
+        s_second = torch.einsum("thq,hnq->thn", query[:, :, 1], self.keys[:, 1])
+        rows, scores = product_key_topk(s_first, s_second, self.pkm.topk)  # [t, h, k]
+        weights = F.softmax(scores.float(), dim=-1).to(scores.dtype)
+        out = F.embedding_bag(rows.view(tokens, -1), self.values, mode="sum",
+                              per_sample_weights=weights.view(tokens, -1))  # heads summed
+        return out.view(seq, batch, width), hidden.new_zeros(())
