@@ -67,7 +67,8 @@ def tucker_aux_loss(cores: torch.Tensor, weight: float, margin: float) -> torch.
     rank = cores.shape[-1]
     if rank < 2 or weight == 0:
         return cores.new_zeros(())
-    singular = torch.linalg.svdvals(cores.float().sum(0))  # [h, r], descending
+    compute_dtype = torch.promote_types(cores.dtype, torch.float32)
+    singular = torch.linalg.svdvals(cores.to(compute_dtype).sum(0))  # [h, r], descending
     penalty = F.relu(singular[:, 1:] - margin).pow(2).sum(-1).mean()
     return (weight / (rank - 1) * penalty).to(cores.dtype)
 

@@ -1,0 +1,210 @@
+"""The one place that reaches into megatron-core internals, including its CPU compatibility shims."""
+
+# megatron-core hard-codes torch.cuda in many places. apply_cpu_patches() makes the parts we use
+# run on a CPU-only machine and is a no-op when CUDA is available; nothing else in the package
+# should know these patches exist. Tested on megatron-core 0.16.1; attributes that differ between
+# versions are looked up with hasattr/getattr so 0.19.x takes the same route.
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import random as mcore_random
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+_applied: tuple[str, ...] | None = None  # names of the patches applied; None until the first call
+
+
+class _InertEvent:
+    """Stands in for torch.cuda.Event on CPU: CPU work is already ordered, so waiting is a no-op."""
+
+    def record(self, stream=None) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+class _InertStream:
+    """Stands in for torch.cuda.Stream on CPU: one in-order 'stream', so every sync is a no-op."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def record_event(self, event=None) -> _InertEvent:
+        return event if event is not None else _InertEvent()
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+_CPU_STREAM = _InertStream()
+
+
+def _cpu_get_rng_state(device=None, clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    return torch.get_rng_state()  # already a copy
+
+
+def _cpu_set_rng_state(new_state: torch.Tensor, device=None, graph_safe: bool = False) -> None:
+    torch.set_rng_state(new_state)
+
+
+def apply_cpu_patches() -> tuple[str, ...]:
+    """Patch megatron-core (and the torch.cuda calls it makes) to run on CPU; idempotent.
+
+    Returns the names of the patches applied: empty when CUDA is available (nothing is touched).
+    """
+    global _applied
+    if _applied is not None:
+        return _applied
+    if torch.cuda.is_available():
+        _applied = ()
+        return _applied
+    applied = []
+
+    # Layers, the router and the TP mappings pass device=torch.cuda.current_device();
+    # without this: "Torch not compiled with CUDA enabled".
+    torch.cuda.current_device = lambda: "cpu"
+    applied.append("torch.cuda.current_device")
+
+    # RNG tracker (model_parallel_cuda_manual_seed, fork() around expert init and dropout): route
+    # the "cuda" generator to the CPU default generator, the one CPU dropout/init actually draw from.
+    # Without this, get_rng_state raises, and _set_cuda_rng_state silently queues a lazy call that
+    # never runs, so fork() would not switch streams at all.
+    torch.cuda.get_rng_state = _cpu_get_rng_state   # used by CudaRNGStatesTracker.add
+    torch.cuda.manual_seed = torch.manual_seed      # otherwise queued and never applied
+    mcore_random._get_cuda_rng_state = _cpu_get_rng_state
+    mcore_random._set_cuda_rng_state = _cpu_set_rng_state
+    applied.append("rng_tracker->cpu_generator")
+
+    # MoE alltoall dispatcher builds a torch.cuda.Stream for its device-to-host copies and syncs on
+    # it with current_stream() / record_event(); without this: "torch.cuda.Stream requires CUDA".
+    torch.cuda.Stream = _InertStream
+    torch.cuda.Event = _InertEvent
+    torch.cuda.current_stream = lambda device=None: _CPU_STREAM
+    applied.append("torch.cuda.Stream/Event/current_stream")
+
+    # MoE router: moe_utils references te_general_gemm, which 0.16.1 binds only when Transformer
+    # Engine imports; without TE every router forward raises "NameError: te_general_gemm".
+    _define_missing_te_gemm()
+    applied.append("moe_utils.te_general_gemm=None")
+
+    # The alltoall dispatcher converts its split sizes to numpy only for CUDA tensors; CPU tensors
+    # reach all_to_all_single as tensors: "all_to_all_single(): incompatible function arguments".
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+    original = getattr(moe_utils, "maybe_move_tensor_to_cpu", None)
+    if original is not None and not getattr(original, "_cpu_compat", False):
+        def maybe_move_tensor_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+            if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+                return tensor.numpy()
+            return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+        maybe_move_tensor_to_cpu._cpu_compat = True
+        moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+        if hasattr(token_dispatcher, "maybe_move_tensor_to_cpu"):  # imported by name there
+            token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+        applied.append("moe split sizes as numpy")
+
+    _applied = tuple(applied)
+    return _applied
+
+
+def _define_missing_te_gemm() -> None:
+    """None is the value the router already handles ("no TE": plain torch.mm)."""
+    from megatron.core.transformer.moe import moe_utils
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def initialize_single_process(seed: int = 1234) -> None:
+    """World-size-1 process group, megatron model-parallel state (all sizes 1) and RNG tracker.
+
+    gloo on CPU (nccl when CUDA is available). Safe to call again: existing groups are kept and
+    the seeds are reset.
+    """
+    apply_cpu_patches()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(0)
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+    torch.manual_seed(seed)
+    kwargs = {}
+    if "force_reset_rng" in inspect.signature(mcore_random.model_parallel_cuda_manual_seed).parameters:
+        kwargs["force_reset_rng"] = True
+    mcore_random.model_parallel_cuda_manual_seed(seed, **kwargs)
+
+
+def _check_cpu_config(config: TransformerConfig, moe: bool) -> None:
+    """Refuse settings known to fail on a CPU-only machine, naming the field."""
+    if torch.cuda.is_available():
+        return
+    problems = []
+    if config.gradient_accumulation_fusion:
+        problems.append("gradient_accumulation_fusion=True needs a CUDA extension")
+    if moe and config.add_bias_linear:
+        problems.append("add_bias_linear=True: MoE expert bias fails with an in-place-on-view error")
+    if problems:
+        raise ValueError("TransformerConfig cannot run on CPU: " + "; ".join(problems))
+
+
+def build_moe_layer(config: TransformerConfig, num_experts: int, topk: int) -> torch.nn.Module:
+    """megatron-core MoELayer from the local (non-TE) GPT spec, SequentialMLP experts.
+
+    config is copied with num_moe_experts / moe_router_topk set; its dispatcher type, expert
+    width (moe_ffn_hidden_size) and the rest are used as given. forward: [s, b, D] -> (out, bias).
+    """
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import build_module
+
+    config = dataclasses.replace(config, num_moe_experts=num_experts, moe_router_topk=topk)
+    _check_cpu_config(config, moe=True)
+    _define_missing_te_gemm()  # a missing-TE bug, not a CPU one: needed on GPUs without TE too
+    spec = get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False).submodules.mlp
+    return build_module(spec, config=config)
+
+
+def build_dense_mlp(config: TransformerConfig) -> torch.nn.Module:
+    """megatron-core dense MLP (ffn_hidden_size wide) from the local GPT spec.
+
+    forward: [s, b, D] -> (out, bias).
+    """
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import build_module
+
+    if config.num_moe_experts is not None:
+        config = dataclasses.replace(config, num_moe_experts=None)
+    _check_cpu_config(config, moe=False)
+    spec = get_gpt_layer_local_spec().submodules.mlp
+    return build_module(spec, config=config)
