@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
+import logging
 import os
 import socket
 
@@ -19,22 +19,6 @@ from megatron.core.tensor_parallel import random as mcore_random
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 _applied: tuple[str, ...] | None = None  # names of the patches applied; None until the first call
-
-
-class _InertEvent:
-    """Stands in for torch.cuda.Event on CPU: CPU work is already ordered, so waiting is a no-op."""
-
-    def record(self, stream=None) -> None:
-        pass
-
-    def wait(self, stream=None) -> None:
-        pass
-
-    def synchronize(self) -> None:
-        pass
-
-    def query(self) -> bool:
-        return True
 
 
 class _InertStream:
@@ -49,8 +33,11 @@ class _InertStream:
     def wait_event(self, event) -> None:
         pass
 
-    def record_event(self, event=None) -> _InertEvent:
-        return event if event is not None else _InertEvent()
+    def wait(self, stream=None) -> None:
+        pass
+
+    def record_event(self, event=None) -> "_InertStream":
+        return self  # stands in for the event too: its synchronize() / wait() are no-ops
 
     def synchronize(self) -> None:
         pass
@@ -68,6 +55,10 @@ def _cpu_get_rng_state(device=None, clone: bool = False, graph_safe: bool = Fals
 
 def _cpu_set_rng_state(new_state: torch.Tensor, device=None, graph_safe: bool = False) -> None:
     torch.set_rng_state(new_state)
+
+
+def _drop_cpu_rng_warning(record: logging.LogRecord) -> bool:
+    return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
 
 
 def apply_cpu_patches() -> tuple[str, ...]:
@@ -94,24 +85,29 @@ def apply_cpu_patches() -> tuple[str, ...]:
     # never runs, so fork() would not switch streams at all.
     torch.cuda.get_rng_state = _cpu_get_rng_state   # used by CudaRNGStatesTracker.add
     torch.cuda.manual_seed = torch.manual_seed      # otherwise queued and never applied
-    mcore_random._get_cuda_rng_state = _cpu_get_rng_state
-    mcore_random._set_cuda_rng_state = _cpu_set_rng_state
+    for name, replacement in (("_get_cuda_rng_state", _cpu_get_rng_state),
+                              ("_set_cuda_rng_state", _cpu_set_rng_state)):
+        if hasattr(mcore_random, name):  # the tracker's fork() and checkpointed RNG states
+            setattr(mcore_random, name, replacement)
+    # fork() warns "CPU RNG state changed within GPU RNG context" whenever the forked code draws
+    # random numbers; on CPU that is the point of forking, so drop exactly that message.
+    logging.getLogger(mcore_random.__name__).addFilter(_drop_cpu_rng_warning)
     applied.append("rng_tracker->cpu_generator")
 
     # MoE alltoall dispatcher builds a torch.cuda.Stream for its device-to-host copies and syncs on
     # it with current_stream() / record_event(); without this: "torch.cuda.Stream requires CUDA".
     torch.cuda.Stream = _InertStream
-    torch.cuda.Event = _InertEvent
     torch.cuda.current_stream = lambda device=None: _CPU_STREAM
-    applied.append("torch.cuda.Stream/Event/current_stream")
+    applied.append("torch.cuda.Stream/current_stream")
 
     # MoE router: moe_utils references te_general_gemm, which 0.16.1 binds only when Transformer
     # Engine imports; without TE every router forward raises "NameError: te_general_gemm".
     _define_missing_te_gemm()
     applied.append("moe_utils.te_general_gemm=None")
 
-    # The alltoall dispatcher converts its split sizes to numpy only for CUDA tensors; CPU tensors
-    # reach all_to_all_single as tensors: "all_to_all_single(): incompatible function arguments".
+    # The alltoall dispatcher converts its split sizes to numpy only for CUDA tensors; with expert
+    # parallelism (EP >= 2, where the all-to-all actually runs) CPU tensors reach gloo's
+    # all_to_all_single: "all_to_all_single(): incompatible function arguments".
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
     original = getattr(moe_utils, "maybe_move_tensor_to_cpu", None)
     if original is not None and not getattr(original, "_cpu_compat", False):
@@ -160,10 +156,7 @@ def initialize_single_process(seed: int = 1234) -> None:
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
     torch.manual_seed(seed)
-    kwargs = {}
-    if "force_reset_rng" in inspect.signature(mcore_random.model_parallel_cuda_manual_seed).parameters:
-        kwargs["force_reset_rng"] = True
-    mcore_random.model_parallel_cuda_manual_seed(seed, **kwargs)
+    mcore_random.model_parallel_cuda_manual_seed(seed)  # resets the tracker's states
 
 
 def _check_cpu_config(config: TransformerConfig, moe: bool) -> None:

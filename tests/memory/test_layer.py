@@ -116,6 +116,20 @@ def test_paper_init_hits_score_and_output_variance_targets():
                                torch.full((64,), 64 ** -0.5))
 
 
+def test_meta_device_build_then_materialize_equals_direct_build():
+    config = transformer_config(hidden_size=16)
+    memory = UltraMemConfig(num_keys=4, key_dim=8, topk=3)
+    with torch.device("meta"):
+        lazy = UltraMemLayer(config, memory)
+    assert all(p.is_meta for p in lazy.parameters())
+    lazy.to_empty(device="cpu")
+    lazy.reset_parameters(torch.Generator().manual_seed(7))
+    direct = UltraMemLayer(config, memory)
+    direct.reset_parameters(torch.Generator().manual_seed(7))
+    for (name, got), want in zip(lazy.state_dict().items(), direct.state_dict().values()):
+        assert torch.equal(got, want), name
+
+
 def test_official_init_option():
     layer = tiny_layer(init="official")
     torch.testing.assert_close(layer.retrieval.query_norm.weight, torch.full((8,), 8 ** -0.33))

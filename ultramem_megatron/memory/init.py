@@ -26,7 +26,10 @@ def mean_selected_score(cores: torch.Tensor, keys_per_axis: int, width: int, top
     s_row = torch.randn(shape, generator=generator)
     s_col = torch.randn(shape, generator=generator)
     _, scores = two_phase_topk(s_row, s_col, cores, u, t, width, topk)
-    return scores.mean().item()
+    mean = scores.mean().item()
+    if not mean > 0:
+        raise ValueError(f"mean selected score at init is {mean}; the paper init needs it positive")
+    return mean
 
 
 @torch.no_grad()
@@ -47,7 +50,10 @@ def init_ultramem(retrieval: TuckerRetrieval, values: ImplicitValueExpansion, nu
     official: the released code: norm gains D_k^-0.33, W_q and keys N(0, 1/D_k), values N(0, 0.02^2),
               output projection N(0, 1/(E D_v)).
     Tucker cores are U(0, 1) under both rules (the paper gives no rule; this is the code's).
+    On the meta device there is nothing to fill: materialize, then call this again.
     """
+    if retrieval.cores.is_meta:
+        return
     cfg = retrieval.cfg
     key_dim, hidden = cfg.key_dim, retrieval.query_proj.in_features
     expansion, value_dim = values.expansion, values.values.shape[1]
@@ -74,6 +80,7 @@ def init_ultramem(retrieval: TuckerRetrieval, values: ImplicitValueExpansion, nu
         _set_norm_gain(retrieval.query_norm, key_dim ** -0.33)
     else:
         raise ValueError(f"unknown init rule {rule!r}: expected 'paper' or 'official'")
+    values.reset_permutation()
     retrieval.rank1_row.zero_()
     retrieval.rank1_col.zero_()
     retrieval.refresh_rank1()

@@ -15,7 +15,7 @@ def virtual_permutation(num_virtual: int, seed: int) -> torch.Tensor:
     """A fixed random permutation of the virtual addresses; the same seed gives the same
     permutation on every rank and every run. int32 halves the buffer (E*N entries per layer)."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randperm(num_virtual, generator=generator).to(torch.int32)
+    return torch.randperm(num_virtual, generator=generator, device="cpu").to(torch.int32)
 
 
 class ImplicitValueExpansion(nn.Module):
@@ -27,13 +27,22 @@ class ImplicitValueExpansion(nn.Module):
         super().__init__()
         self.num_values = num_values
         self.expansion = expansion
+        self.shuffle_seed = shuffle_seed
         self.values = nn.Parameter(torch.empty(num_values, value_dim, dtype=dtype, device=device))
         # One Linear(E*d -> D): block p of its input columns is the projector W_p.
         self.out_proj = nn.Linear(expansion * value_dim, hidden_size, bias=False,
                                   dtype=dtype, device=device)
         # virtual address -> slot; slot = group * N + physical row.
-        self.register_buffer("virtual_to_slot",
-                             virtual_permutation(expansion * num_values, shuffle_seed).to(device))
+        self.register_buffer("virtual_to_slot", torch.empty(expansion * num_values,
+                                                            dtype=torch.int32, device=device))
+        self.reset_permutation()
+
+    @torch.no_grad()
+    def reset_permutation(self) -> None:
+        """Rebuild the permutation from the seed (skipped on the meta device)."""
+        if not self.virtual_to_slot.is_meta:
+            self.virtual_to_slot.copy_(virtual_permutation(self.virtual_to_slot.numel(),
+                                                           self.shuffle_seed))
 
     def locate(self, virtual_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """virtual_idx [t, k] -> (physical row [t, k], group [t, k])."""
