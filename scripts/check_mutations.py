@@ -1,0 +1,90 @@
+"""Break the memory layer on purpose, in a scratch copy, and show which tests catch each break."""
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# name -> (file, exact text to replace, replacement). Each mimics a bug seen in the wild.
+MUTATIONS = {
+    "scatter overwrites instead of adding (lucidrains ultra-mem)": (
+        "ultramem_megatron/memory/lookup.py",
+        "    tokens, items, cores = scores.shape\n",
+        "    tokens, items, cores = scores.shape\n"
+        "    chunk = values.shape[1] // cores\n"
+        "    weighted = values[rows.long()].view(tokens, items, cores, chunk) * scores.unsqueeze(-1)\n"
+        "    index = groups.long()[:, :, None, None].expand(-1, -1, cores, chunk)\n"
+        "    pooled = weighted.new_zeros(tokens, num_groups, cores, chunk)\n"
+        "    return pooled.scatter(1, index, weighted).view(tokens, num_groups, -1)\n",
+    ),
+    "softmax on the selected scores (PKM habit)": (
+        "ultramem_megatron/memory/retrieval.py",
+        "    virtual_idx = row_idx.gather",
+        "    core_scores = core_scores.softmax(dim=2)\n    virtual_idx = row_idx.gather",
+    ),
+    "gradient through the phase-1 filter (same forward)": (
+        "ultramem_megatron/memory/retrieval.py",
+        "    virtual_idx = row_idx.gather",
+        '    filt = torch.einsum("thmr,hr->thm", sel_row, u.to(sel_row.dtype)).unsqueeze(-1)\n'
+        "    core_scores = core_scores * filt / filt.detach()\n"
+        "    virtual_idx = row_idx.gather",
+    ),
+    "ranking by the first core only": (
+        "ultramem_megatron/memory/retrieval.py",
+        "cores.sum(0), col_cand)",
+        "cores[0], col_cand)",
+    ),
+    "every core scales the whole value (no multi-core chunks)": (
+        "ultramem_megatron/memory/lookup.py",
+        "    weight = scores.reshape(tokens, items * cores)",
+        "    weight = scores.sum(-1, keepdim=True).expand(-1, -1, cores).reshape(tokens, items * cores)",
+    ),
+    "physical row taken as slot // N (swapped with group)": (
+        "ultramem_megatron/memory/values.py",
+        "return slot % self.num_values, slot // self.num_values",
+        "return slot // self.num_values % self.num_values, slot % self.expansion",
+    ),
+    "aux loss penalizes the leading singular value too": (
+        "ultramem_megatron/memory/retrieval.py",
+        "singular[:, 1:] - margin",
+        "singular - margin",
+    ),
+}
+
+
+def run_mutation(name: str, tests: str) -> tuple[int, str]:
+    path, old, new = MUTATIONS[name]
+    with tempfile.TemporaryDirectory() as scratch:
+        copy = Path(scratch) / "repo"
+        shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "__pycache__"))
+        source = (copy / path).read_text()
+        if old not in source:
+            raise SystemExit(f"mutation {name!r}: anchor text not found in {path}; update this script")
+        (copy / path).write_text(source.replace(old, new, 1))
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:warnings", "-p",
+                                 "no:cacheprovider", tests], cwd=copy, capture_output=True, text=True)
+    failed = [line.split(" - ")[0].removeprefix("FAILED ")
+              for line in result.stdout.splitlines() if line.startswith("FAILED")]
+    return result.returncode, "\n".join(f"      {t}" for t in failed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tests", default="tests/memory")
+    args = parser.parse_args()
+    survivors = 0
+    for name in MUTATIONS:
+        code, failed = run_mutation(name, args.tests)
+        caught = code != 0
+        survivors += not caught
+        print(f"{'CAUGHT  ' if caught else 'SURVIVED'} {name}\n{failed}")
+    print(f"\n{len(MUTATIONS) - survivors}/{len(MUTATIONS)} mutations caught")
+    sys.exit(1 if survivors else 0)
+
+
+if __name__ == "__main__":
+    main()
