@@ -1,11 +1,13 @@
 """CPU benchmark of one UltraMem layer against PKM, megatron-core MoE and a dense MLP at one hidden size."""
 
-# Usage:  python scripts/bench_layer.py            (full run, a few minutes on 2 cores)
-#         python scripts/bench_layer.py --quick    (smoke run, seconds)
+# Usage:  python scripts/bench_layer.py            (full run, ~70 s on 2 idle cores)
+#         python scripts/bench_layer.py --quick    (smoke run, ~10 s)
 #
-# Sizing (defaults D=256):
-#   UltraMem  n=128 keys per axis -> N=n^2 values of width D_v=D/2, H=2, m=32, E=4, D_k=D/4, r=h=2.
-#   PKM       num_keys chosen so its total parameters are closest to UltraMem's (values of width D).
+# Sizing (defaults D=512):
+#   UltraMem  n=128 keys per axis -> N=n^2 values of width D_v=D/2 (4.2M at D=512), H=2, m=32,
+#             E=4, D_k=D/4, r=h=2 (the released 227M config's ratios: D_k=D/4, D_v=D/2).
+#   PKM       heads=4, k=32, d_q=D; num_keys chosen so its total parameters are closest to
+#             UltraMem's (values of width D).
 #   MoE       top-2; expert width F_e = F/2 (so its activated FLOPs ~ UltraMem's as well) and the
 #             number of experts chosen so its total parameters are closest to UltraMem's.
 #   Dense     megatron MLP with ffn width F chosen so 4*D*F ~ UltraMem's activated FLOPs per token.
@@ -40,7 +42,7 @@ from ultramem_megatron.memory import (  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--hidden", type=int, default=256, help="D")
+    p.add_argument("--hidden", type=int, default=512, help="D")
     p.add_argument("--num-keys", type=int, default=128, help="UltraMem n (N = n^2 values)")
     p.add_argument("--key-dim", type=int, default=None, help="UltraMem D_k (default D/4)")
     p.add_argument("--value-dim", type=int, default=None, help="UltraMem D_v (default D/2)")
@@ -62,10 +64,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: D=128, n=32, tokens 1,16,256, 1 warmup, 3 repeats")
+                   help="smoke run: D=128, n=32, PKM k=16, tokens 1,16,256, 1 warmup, 3 repeats")
     args = p.parse_args(argv)
     if args.quick:
-        args.hidden, args.num_keys, args.tokens = 128, 32, "1,16,256"
+        args.hidden, args.num_keys, args.pkm_topk, args.tokens = 128, 32, 16, "1,16,256"
         args.warmup, args.repeats = 1, 3
     args.key_dim = args.key_dim or args.hidden // 4
     args.value_dim = args.value_dim or args.hidden // 2
@@ -134,7 +136,7 @@ def touched_bytes(kind: str, info: dict, tokens: int) -> float:
 
 # ---- timing -----------------------------------------------------------------------------------
 
-def run_forward(layer, x, aux_in_loss):
+def run_forward(layer, x):
     with torch.no_grad():
         layer(x)
 
@@ -165,7 +167,7 @@ def time_cell(layers: dict, tokens: int, hidden: int, train: bool, warmup: int, 
     for name, (layer, aux) in layers.items():
         set_mode(layer, train)
         calls[name] = ((lambda l=layer, a=aux: run_train(l, x, g, a)) if train
-                       else (lambda l=layer, a=aux: run_forward(l, x, a)))
+                       else (lambda l=layer: run_forward(l, x)))
     for _ in range(warmup):
         for call in calls.values():
             call()
@@ -182,6 +184,11 @@ def time_cell(layers: dict, tokens: int, hidden: int, train: bool, warmup: int, 
 
 def closest(target: float, candidates, size) -> int:
     return min(candidates, key=lambda c: abs(size(c) - target))
+
+
+def load_now() -> str:
+    """1-minute load average, the sign of other processes competing for the cores."""
+    return f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a"
 
 
 def fmt_int(v: float) -> str:
@@ -230,7 +237,7 @@ def main(argv=None) -> None:
     moe_ffn = args.moe_ffn or max(1, round(dense_ffn / args.moe_topk))
     moe_experts = args.moe_experts or closest(
         um_params, range(max(args.moe_topk, 2), 4097), lambda e: e * d + e * 2 * d * moe_ffn)
-    moe_config = dataclasses.replace(config, ffn_hidden_size=moe_ffn, moe_ffn_hidden_size=moe_ffn)
+    moe_config = dataclasses.replace(config, ffn_hidden_size=moe_ffn)  # experts inherit it
     moe = build_moe_layer(moe_config, moe_experts, args.moe_topk)
     moe_params = numel(moe)
     moe_router = numel(moe.router)
@@ -315,6 +322,7 @@ def main(argv=None) -> None:
     layers = {"ultramem": (ultramem, True), "pkm": (pkm, True), "moe": (moe, False),
               "dense": (dense, False)}
     generator = torch.Generator().manual_seed(args.seed)
+    load_before = load_now()
     start = time.perf_counter()
     for train, title in ((False, "Forward (no_grad, eval)"),
                          (True, "Forward + backward (train)")):
@@ -327,7 +335,10 @@ def main(argv=None) -> None:
                 f"{fmt_time(med[k])} ({med[k] / med['ultramem']:.2f}x)" for k in names) + " |")
             sys.stdout.flush()
         print()
-    print(f"timed section: {time.perf_counter() - start:.1f} s")
+    print(f"timed section: {time.perf_counter() - start:.1f} s; 1-min load average before "
+          f"{load_before} (other processes: well under 1 on a quiet machine; near or above 1, "
+          f"small-T timings are inflated), after {load_now()} (includes this run's "
+          f"{args.threads} threads)")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import random
 import socket
+
+import numpy as np
 
 import torch
 import torch.distributed as dist
@@ -197,7 +200,262 @@ def build_dense_mlp(config: TransformerConfig) -> torch.nn.Module:
     from megatron.core.transformer.spec_utils import build_module
 
     if config.num_moe_experts is not None:
-        config = dataclasses.replace(config, num_moe_experts=None)
+        config = dataclasses.replace(config, num_moe_experts=None, moe_ffn_hidden_size=None)
     _check_cpu_config(config, moe=False)
     spec = get_gpt_layer_local_spec().submodules.mlp
     return build_module(spec, config=config)
+
+
+# ------------------------------------------------------------------------------ model building
+
+def transformer_engine_available() -> bool:
+    """True when Transformer Engine imports; a half-installed TE raises more than ImportError."""
+    try:
+        import transformer_engine  # noqa: F401
+        import transformer_engine.pytorch  # noqa: F401
+    except (ImportError, RuntimeError, OSError):
+        return False
+    return True
+
+
+def unfuse_pre_mlp_norm(layer_spec) -> None:
+    """Make a layer's pre-FFN norm a module of its own (in place), so the FFN's input is the normed
+    hidden state. The Transformer Engine spec fuses it into fc1 (TELayerNormColumnParallelLinear);
+    the local spec already has it separate, and is left as is."""
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    submodules = layer_spec.submodules
+    if submodules.pre_mlp_layernorm is not IdentityOp:
+        return
+    from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TENorm
+
+    submodules.pre_mlp_layernorm = TENorm
+    submodules.mlp.submodules.linear_fc1 = TEColumnParallelLinear
+    submodules.sharded_state_dict_keys_map = {
+        key: value for key, value in submodules.sharded_state_dict_keys_map.items()
+        if not key.startswith("pre_mlp_layernorm.")}
+
+
+def build_ffn(spec, config: TransformerConfig) -> torch.nn.Module:
+    """Build a block's FFN (MLP or MoELayer) with the process groups TransformerLayer would pass it
+    (it passes none to an MLP wrapper it does not know, such as ours)."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.mlp import MLP
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.spec_utils import build_module
+
+    if spec.module is MoELayer:
+        _define_missing_te_gemm()
+        return build_module(spec, config=config, pg_collection=ProcessGroupCollection.use_mpu_process_groups())
+    if spec.module is MLP:
+        return build_module(spec, config=config, tp_group=parallel_state.get_tensor_model_parallel_group())
+    return build_module(spec, config=config)
+
+
+# ------------------------------------------------------------------------------ optimizer
+
+def standard_param_group_overrides(config) -> dict:
+    """megatron's default param-group overrides (no weight decay on biases and 1-D parameters);
+    passing our own overrides replaces them, so we start from these."""
+    from megatron.core import optimizer as mcore_optimizer
+
+    return dict(mcore_optimizer.get_standard_config_overrides(config) or {})
+
+
+def param_key(**kwargs):
+    from megatron.core.optimizer.optimizer_config import ParamKey
+
+    return ParamKey(**kwargs)
+
+
+# ------------------------------------------------------------------------------ cuda -> cpu mode
+
+def _names_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int) and not isinstance(device, bool)  # an index means cuda:N
+
+
+class _CudaAsCpuMode(torch.overrides.TorchFunctionMode):
+    """Rewrites the CUDA devices megatron-core names literally (device='cuda' in the causal mask,
+    the optimizer, clip_grads, the grad scaler; .cuda() on reload) to the CPU, and reports CPU float
+    tensors' type() as torch.cuda.* for its `param.type() == 'torch.cuda.FloatTensor'` checks."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if _names_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to and len(args) > 1 and _names_cuda(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        result = func(*args, **kwargs)
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs and result.startswith("torch."):
+            return result.replace("torch.", "torch.cuda.", 1)
+        return result
+
+
+_CPU_MODE = _CudaAsCpuMode()
+
+
+def enter_cpu_device_mode() -> None:
+    """Push the CUDA-as-CPU mode for the rest of the process (CPU-only machines; idempotent)."""
+    if torch.cuda.is_available() or getattr(_CPU_MODE, "_entered", False):
+        return
+    torch.cuda.synchronize = lambda device=None: None
+    torch.cuda.empty_cache = lambda: None
+    _CPU_MODE.__enter__()
+    _CPU_MODE._entered = True
+
+
+# ------------------------------------------------------------------------------ training setup
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+def initialize_distributed(tensor_parallel_size: int, seed: int) -> None:
+    """Process group from torchrun's environment (or a world of one), megatron parallel state,
+    seeds; on CPU also the CUDA-as-CPU shims. Data parallelism takes the remaining ranks."""
+    apply_cpu_patches()
+    enter_cpu_device_mode()
+    if not dist.is_initialized():
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            if world > 1:
+                raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is unset: launch with torchrun")
+            os.environ["MASTER_PORT"] = str(_free_port())
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                rank=rank, world_size=world)
+    if dist.get_world_size() % tensor_parallel_size:
+        raise ValueError(f"world size {dist.get_world_size()} is not a multiple of "
+                         f"parallel.tensor_model_parallel_size ({tensor_parallel_size})")
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
+    random_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(random_seed)
+    np.random.seed(random_seed)
+    torch.manual_seed(random_seed)
+    mcore_random.model_parallel_cuda_manual_seed(random_seed)
+
+
+def wrap_data_parallel(model: torch.nn.Module, use_distributed_optimizer: bool) -> torch.nn.Module:
+    """megatron DistributedDataParallel (contiguous grad buffers, fp32 grad reduction), and the
+    config hooks megatron's schedule uses to delay and finish the grad all-reduce."""
+    from megatron.core.distributed import (DistributedDataParallel,
+                                           DistributedDataParallelConfig, finalize_model_grads)
+
+    model.to(device())
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer)
+    wrapped = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    model.config.no_sync_func = wrapped.no_sync
+    model.config.finalize_model_grads_func = finalize_model_grads
+    return wrapped
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+def model_sharded_state_dict(model) -> dict:
+    """Per-layer checkpoint keys ('decoder.layers.3.mlp...'): memory spans make the layers differ,
+    so megatron's stacked layout (one tensor over all layers) does not apply."""
+    return model.sharded_state_dict(metadata={"non_homogeneous_layers": True})
+
+
+def rename_sharded_keys(sharded_state_dict: dict, old_prefix: str, new_prefix: str) -> None:
+    """Change the checkpoint keys (not the local names) of a sharded state dict, in place."""
+    from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
+
+    replace_prefix_for_sharding(sharded_state_dict, old_prefix, new_prefix)
+
+
+def checkpoint_save_kwargs() -> dict:
+    """Synchronous torch_dist saves (the async writer process is not worth it at this scale)."""
+    return {}
+
+
+_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def _torch_adam_path() -> bool:
+    """True when megatron's optimizers wrap torch.optim.Adam (no apex / TE fused Adam), whose
+    per-parameter 'step' tensors megatron's distributed optimizer mishandles on load."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    return not distrib_optimizer.HAVE_APEX_OR_TE
+
+
+def _inner_optimizers(optimizer) -> list:
+    return [opt.optimizer for opt in getattr(optimizer, "chained_optimizers", [optimizer])]
+
+
+def _patch_set_main_param_states() -> None:
+    """Loading copies every key of a parameter's Adam state from the checkpoint's tensors, which
+    never carry 'step' (it travels in the param groups): KeyError without this."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+    if getattr(original, "_skips_step", False):
+        return
+
+    def set_states(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        if "step" in self.optimizer.state.get(main_param, {}) and "step" not in tensors:
+            tensors = {**tensors, "step": self.optimizer.state[main_param]["step"]}
+        return original(self, model_param, tensors)
+
+    set_states._skips_step = True
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+
+
+def _ensure_adam_state(optimizer) -> None:
+    """Create empty Adam state (step 0, zero moments: what Adam's first step would create) so the
+    distributed optimizer's state_dict() finds one 'step' before any step was taken."""
+    for inner in _inner_optimizers(optimizer):
+        for group in inner.param_groups:
+            for param in group["params"]:
+                state = inner.state[param]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
+def optimizer_sharded_state_dict(optimizer, model_sharded_state_dict: dict,
+                                 is_loading: bool = False) -> dict:
+    """fully_reshardable optimizer state, so a checkpoint loads at another parallel layout."""
+    if _torch_adam_path():
+        _ensure_adam_state(optimizer)
+    return optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading,
+                                        metadata=_OPTIMIZER_METADATA)
+
+
+def optimizer_load_state_dict(optimizer, state_dict: dict) -> None:
+    if _torch_adam_path():
+        _patch_set_main_param_states()
+    optimizer.load_state_dict(state_dict)
+    if not _torch_adam_path():
+        return
+    # load_state_dict gives every parameter the same 'step' tensor; Adam increments it in place
+    # once per parameter, so the resumed run would silently diverge. One tensor each.
+    for inner in _inner_optimizers(optimizer):
+        for state in inner.state.values():
+            if "step" in state:
+                state["step"] = state["step"].detach().clone()
+
+
+def rng_tracker_states() -> dict:
+    return {name: state.clone() for name, state in mcore_random.get_cuda_rng_tracker().get_states().items()}
+
+
+def set_rng_tracker_states(states: dict) -> None:
+    mcore_random.get_cuda_rng_tracker().set_states(states)

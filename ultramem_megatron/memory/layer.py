@@ -62,6 +62,13 @@ class UltraMemLayer(MegatronModule):
     def refresh_rank1(self) -> None:
         self.retrieval.refresh_rank1()
 
+    def rows_hit(self) -> torch.Tensor:
+        """[N] bool: value rows read in training since the last reset_rows_hit()."""
+        return self.values.rows_hit
+
+    def reset_rows_hit(self) -> None:
+        self.values.rows_hit.zero_()
+
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         seq, batch, width = hidden.shape
         query_input = self.query_conv(hidden) if self.query_conv is not None else hidden

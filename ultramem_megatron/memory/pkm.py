@@ -43,6 +43,8 @@ class ProductKeyMemory(MegatronModule):
                          if pkm.query_batchnorm else nn.Identity())
         self.keys = nn.Parameter(torch.empty(pkm.num_heads, 2, pkm.num_keys, half, dtype=dtype))
         self.values = mark_value_param(nn.Parameter(torch.empty(pkm.num_values, hidden, dtype=dtype)))
+        self.register_buffer("rows_hit_mask", torch.zeros(pkm.num_values, dtype=torch.bool),
+                             persistent=False)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -56,6 +58,13 @@ class ProductKeyMemory(MegatronModule):
     def refresh_rank1(self) -> None:
         """PKM has no rank-1 filter; present so every memory layer has one interface."""
 
+    def rows_hit(self) -> torch.Tensor:
+        """[N] bool: value rows read in training since the last reset_rows_hit()."""
+        return self.rows_hit_mask
+
+    def reset_rows_hit(self) -> None:
+        self.rows_hit_mask.zero_()
+
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         seq, batch, width = hidden.shape
         tokens, heads, half = seq * batch, self.pkm.num_heads, self.keys.shape[-1]
@@ -64,6 +73,8 @@ class ProductKeyMemory(MegatronModule):
         s_first = torch.einsum("thq,hnq->thn", query[:, :, 0], self.keys[:, 0])
         s_second = torch.einsum("thq,hnq->thn", query[:, :, 1], self.keys[:, 1])
         rows, scores = product_key_topk(s_first, s_second, self.pkm.topk)  # [t, h, k]
+        if self.training:
+            self.rows_hit_mask[rows.flatten()] = True
         weights = F.softmax(scores.float(), dim=-1).to(scores.dtype)
         out = F.embedding_bag(rows.view(tokens, -1), self.values, mode="sum",
                               per_sample_weights=weights.view(tokens, -1))  # heads summed

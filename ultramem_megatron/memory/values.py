@@ -35,6 +35,9 @@ class ImplicitValueExpansion(nn.Module):
         # virtual address -> slot; slot = group * N + physical row.
         self.register_buffer("virtual_to_slot", torch.empty(expansion * num_values,
                                                             dtype=torch.int32, device=device))
+        # Rows read since the last take_rows_hit() (training only); a metric, never saved.
+        self.register_buffer("rows_hit", torch.zeros(num_values, dtype=torch.bool, device=device),
+                             persistent=False)
         self.reset_permutation()
 
     @torch.no_grad()
@@ -52,5 +55,7 @@ class ImplicitValueExpansion(nn.Module):
     def forward(self, virtual_idx: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """virtual_idx [t, k]; per-core scores [t, k, c] -> [t, D]."""
         rows, groups = self.locate(virtual_idx)
+        if self.training:
+            self.rows_hit[rows.flatten()] = True
         pooled = lookup_pool(self.values, rows, groups, scores, self.expansion)  # [t, e, d]
         return self.out_proj(pooled.flatten(1))

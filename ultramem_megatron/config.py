@@ -1,0 +1,312 @@
+"""Run configuration: typed dataclasses, YAML files, dotted CLI overrides, validation with clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from .memory.config import MemoryConfigError, PKMConfig, UltraMemConfig
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message names the dotted field."""
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """megatron-core MoE layer in place of every block's FFN (the MoE baseline)."""
+
+    num_experts: int = 8
+    topk: int = 2
+    expert_ffn_hidden_size: Optional[int] = None  # default: model.ffn_hidden_size
+    aux_loss_coeff: float = 0.01
+    dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    family: Literal["dense", "moe", "pkm", "ultramem"] = "ultramem"
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    ffn_hidden_size: Optional[int] = None      # default 4 * hidden_size
+    seq_length: int = 256
+    vocab_size: int = 50432                    # padded vocabulary (GPT-NeoX 50277 -> 50432)
+    normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
+    position_embedding: Literal["rope", "learned_absolute"] = "rope"
+    swiglu: bool = False
+    dropout: float = 0.0
+    init_std: float = 0.02
+    memory_spans: str = ""                     # "i:j/i:j": block i's FFN input -> after block j
+    ultramem: Optional[UltraMemConfig] = None
+    pkm: Optional[PKMConfig] = None
+    moe: Optional[MoEConfig] = None
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+
+@dataclass(frozen=True)
+class BlendEntry:
+    """One dataset of the blend: a Megatron .bin/.idx prefix, built from `source` when missing."""
+
+    prefix: str
+    weight: float = 1.0
+    source: Optional[str] = None        # JSON-lines file(s) (glob) that prepare_data turns into prefix
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    tokenizer: str = "data/tokenizers/gpt-neox-20b"   # HF name or local path
+    blend: list[BlendEntry] = field(default_factory=lambda: [
+        BlendEntry(prefix="data/built/fixture", source="data/fixture/*.jsonl")])
+    split: str = "95,5,0"                             # train, valid, test weights
+    cache_dir: str = "data/built/cache"               # megatron's dataset index cache
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = True
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    run_dir: str = "runs/tiny"
+    seed: int = 1234
+    micro_batch_size: int = 8
+    global_batch_size: int = 8
+    max_steps: int = 200                  # length of the run (the LR schedule's horizon)
+    exit_after_steps: int = 0             # stop this launch after N steps, with a checkpoint
+    lr: float = 3.0e-3
+    min_lr_ratio: float = 0.1
+    warmup_fraction: float = 0.01
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    grad_clip: float = 1.0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 on GPU, fp32 on CPU
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_iters: int = 4
+    save_interval: int = 100
+    keep_last: int = 2
+    resume: bool = True
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "ultramem-megatron"
+    threads: int = 0                                       # torch CPU threads; 0 = leave as is
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+# ------------------------------------------------------------------------------ building
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 numbers: `memory_spans: 1:2` stays a string (1.1 reads base 60)
+    and `lr: 3e-3` is a float (1.1 wants a dot)."""
+
+
+_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _NUMBER_TAGS]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^[-+]?(0|[1-9][0-9_]*)$"), list("-+0123456789"))
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+.0123456789"))
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check value against the annotation tp, converting YAML forms (int -> float, dict ->
+    dataclass); raise ConfigError naming path otherwise."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        inner = [o for o in options if o is not type(None)]
+        return _coerce(value, inner[0], path)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{path}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+        return build(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    if tp is list or origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (item_type,) = typing.get_args(tp) or (Any,)
+        if item_type is Any:
+            return value
+        return [_coerce(item, item_type, f"{path}[{i}]") for i, item in enumerate(value)]
+    raise ConfigError(f"{path}: unsupported type {_type_name(tp)}")
+
+
+def build(cls: type, data: dict, path: str = "") -> Any:
+    """Build dataclass cls from a mapping, refusing unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = path or "top level"
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {where}; "
+                          f"known: {', '.join(sorted(names))}")
+    kwargs = {name: _coerce(value, hints[name], f"{path}.{name}" if path else name)
+              for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except MemoryConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def apply_override(data: dict, override: str) -> None:
+    """'train.max_steps=100' -> data['train']['max_steps'] = 100 (value parsed as YAML)."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like key.sub=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = parse_yaml(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        data = parse_yaml(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    for override in overrides:
+        apply_override(data, override)
+    config = build(RunConfig, data)
+    validate(config)
+    return config
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+# ------------------------------------------------------------------------------ validation
+
+def parse_spans(spans: str, num_layers: int) -> list[tuple[int, int]]:
+    """'2:5/6:9' -> [(2, 5), (6, 9)]: 0-based blocks, i < j, in range, non-overlapping."""
+    if not spans.strip():
+        return []
+    parsed = []
+    for item in spans.split("/"):
+        try:
+            start, end = (int(x) for x in item.split(":"))
+        except ValueError:
+            raise ConfigError(f"model.memory_spans: {item!r} is not 'i:j' with integers") from None
+        if not 0 <= start < end < num_layers:
+            raise ConfigError(f"model.memory_spans: {item!r} needs 0 <= i < j < num_layers "
+                              f"({num_layers})")
+        parsed.append((start, end))
+    parsed.sort()
+    for (_, end), (start, _) in zip(parsed, parsed[1:]):
+        if start <= end:
+            raise ConfigError(f"model.memory_spans: spans {spans!r} overlap; a block may end one "
+                              "span and the next may start only after it")
+    return parsed
+
+
+def validate(config: RunConfig) -> None:
+    """Cross-field checks, run before anything is built."""
+    model, train, parallel = config.model, config.train, config.parallel
+    positive = {"model.num_layers": model.num_layers, "model.hidden_size": model.hidden_size,
+                "model.num_attention_heads": model.num_attention_heads,
+                "model.seq_length": model.seq_length, "model.vocab_size": model.vocab_size,
+                "train.micro_batch_size": train.micro_batch_size,
+                "train.global_batch_size": train.global_batch_size,
+                "train.max_steps": train.max_steps, "train.log_interval": train.log_interval,
+                "train.eval_interval": train.eval_interval, "train.eval_iters": train.eval_iters,
+                "train.save_interval": train.save_interval, "train.keep_last": train.keep_last,
+                "parallel.tensor_model_parallel_size": parallel.tensor_model_parallel_size}
+    for name, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    if model.hidden_size % model.num_attention_heads:
+        raise ConfigError(f"model.hidden_size ({model.hidden_size}) must be divisible by "
+                          f"model.num_attention_heads ({model.num_attention_heads})")
+    if not 0.0 <= model.dropout < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {model.dropout}")
+    if train.global_batch_size % train.micro_batch_size:
+        raise ConfigError(f"train.global_batch_size ({train.global_batch_size}) must be a "
+                          f"multiple of train.micro_batch_size ({train.micro_batch_size})")
+    if train.exit_after_steps < 0:
+        raise ConfigError(f"train.exit_after_steps must be >= 0, got {train.exit_after_steps}")
+    if not 0.0 <= train.warmup_fraction < 1.0:
+        raise ConfigError("train.warmup_fraction must be in [0, 1)")
+    spans = parse_spans(model.memory_spans, model.num_layers)
+    needs = {"ultramem": "ultramem", "pkm": "pkm", "moe": "moe"}.get(model.family)
+    if needs and getattr(model, needs) is None:
+        raise ConfigError(f"model.family is {model.family!r} but the model.{needs} section is missing")
+    if model.family in ("ultramem", "pkm") and not spans:
+        raise ConfigError(f"model.family {model.family!r} needs model.memory_spans, e.g. '1:2'")
+    if model.family in ("dense", "moe") and spans:
+        raise ConfigError(f"model.memory_spans is set but model.family is {model.family!r}")
+    if model.family == "ultramem":
+        model.ultramem.resolved_value_dim(model.hidden_size)
+    if model.family == "moe" and not 1 <= model.moe.topk <= model.moe.num_experts:
+        raise ConfigError("model.moe.topk must be in [1, model.moe.num_experts]")
+    if len(config.data.split.split(",")) != 3:
+        raise ConfigError(f"data.split must be 'train,valid,test' weights, got {config.data.split!r}")
+    if not config.data.blend:
+        raise ConfigError("data.blend is empty: list at least one {prefix, weight, source}")
+    for i, entry in enumerate(config.data.blend):
+        if entry.weight <= 0:
+            raise ConfigError(f"data.blend[{i}].weight must be positive, got {entry.weight}")

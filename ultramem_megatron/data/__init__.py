@@ -1,0 +1,1 @@
+"""Data: tokenizer, JSON-lines -> Megatron .bin/.idx preparation, GPTDataset loading and batches."""

@@ -1,0 +1,5 @@
+"""GPT models of every family built from megatron-core specs, with skip-layer memory."""
+
+from .gpt import MemoryGPT, build_model, transformer_config
+
+__all__ = ["MemoryGPT", "build_model", "transformer_config"]

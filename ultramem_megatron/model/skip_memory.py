@@ -1,0 +1,72 @@
+"""Skip-layer memory: block i's pre-FFN normed input feeds memory k, whose output joins block j."""
+
+# A transformer layer calls its MLP with the pre-FFN normed hidden state and adds the MLP output
+# to the residual stream (megatron's bias-dropout-add). SkipMemoryMLP wraps a layer's FFN (dense
+# MLP or MoE): in block i it also runs memory k on that same input and parks the result; in block
+# j it adds the parked result to the FFN output, so it reaches the residual stream at the end of
+# block j. Blocks i+1..j never wait on the memory result (room for overlap on GPU).
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from .. import megatron_compat
+
+
+class MemoryBus:
+    """Per-forward hand-off between a span's first and last block, plus the aux losses."""
+
+    def __init__(self) -> None:
+        self.pending: dict[int, torch.Tensor] = {}
+        self.aux_losses: list[torch.Tensor] = []
+
+    def reset(self) -> None:
+        self.pending.clear()
+        self.aux_losses.clear()
+
+    def aux_loss(self) -> Optional[torch.Tensor]:
+        return torch.stack(self.aux_losses).sum() if self.aux_losses else None
+
+
+@dataclass
+class SkipMemorySubmodules:
+    ffn: ModuleSpec                      # the block's own FFN: megatron MLP or MoELayer
+    memory: Optional[ModuleSpec] = None  # UltraMemLayer / ProductKeyMemory, in a span's first block
+
+
+class SkipMemoryMLP(MegatronModule):
+    """FFN of one block, plus the start or the end of a memory span."""
+
+    def __init__(self, config: TransformerConfig, submodules: SkipMemorySubmodules, bus: MemoryBus,
+                 starts_span: Optional[int] = None, ends_span: Optional[int] = None):
+        super().__init__(config)
+        self.ffn = megatron_compat.build_ffn(submodules.ffn, config)
+        self.memory = build_module(submodules.memory, config=config) if submodules.memory else None
+        self.bus = bus
+        self.starts_span, self.ends_span = starts_span, ends_span
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: Optional[dict] = None) -> dict:
+        """The FFN under the checkpoint keys it has without the wrapper ('mlp.linear_fc1...'),
+        the memory under 'mlp.memory.'."""
+        sharded = self.ffn.sharded_state_dict(f"{prefix}ffn.", sharded_offsets, metadata)
+        megatron_compat.rename_sharded_keys(sharded, f"{prefix}ffn.", prefix)
+        if self.memory is not None:
+            sharded.update(self.memory.sharded_state_dict(f"{prefix}memory.", sharded_offsets,
+                                                          metadata))
+        return sharded
+
+    def forward(self, hidden: torch.Tensor, **kwargs) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """hidden [s, b, D] (pre-FFN normed) -> (FFN output [+ memory output], bias)."""
+        out, bias = self.ffn(hidden, **kwargs)
+        if self.memory is not None:
+            memory_out, aux_loss = self.memory(hidden)
+            self.bus.pending[self.starts_span] = memory_out
+            self.bus.aux_losses.append(aux_loss)
+        if self.ends_span is not None:
+            out = out + self.bus.pending.pop(self.ends_span)
+        return out, bias

@@ -1,0 +1,48 @@
+"""megatron-core ModuleSpecs for every model family: dense, MoE, PKM and UltraMem (skip-layer)."""
+
+import copy
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from .. import megatron_compat
+from ..config import ModelConfig, parse_spans
+from ..memory import ProductKeyMemory, UltraMemLayer
+from .skip_memory import MemoryBus, SkipMemoryMLP, SkipMemorySubmodules
+
+
+def memory_spec(model: ModelConfig) -> ModuleSpec:
+    if model.family == "ultramem":
+        return ModuleSpec(module=UltraMemLayer, params={"memory": model.ultramem})
+    return ModuleSpec(module=ProductKeyMemory, params={"pkm": model.pkm})
+
+
+def decoder_block_spec(model: ModelConfig, config: TransformerConfig,
+                       bus: MemoryBus) -> TransformerBlockSubmodules:
+    """megatron's own GPT block spec (local, or Transformer Engine when installed; MoE layers when
+    config.num_moe_experts is set), with the FFN of each span's first and last block wrapped."""
+    use_te = megatron_compat.transformer_engine_available()
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
+                                       normalization=config.normalization)
+    spans = parse_spans(model.memory_spans, model.num_layers)
+    if not spans:
+        return block
+    starts = {start: k for k, (start, _) in enumerate(spans)}
+    ends = {end: k for k, (_, end) in enumerate(spans)}
+    layer_specs = []
+    for index, layer in enumerate(block.layer_specs):
+        if index in starts or index in ends:
+            layer = copy.deepcopy(layer)
+            if index in starts:
+                # The memory reads the pre-FFN norm's output; TE fuses that norm into fc1.
+                megatron_compat.unfuse_pre_mlp_norm(layer)
+            layer.submodules.mlp = ModuleSpec(
+                module=SkipMemoryMLP,
+                submodules=SkipMemorySubmodules(
+                    ffn=layer.submodules.mlp,
+                    memory=memory_spec(model) if index in starts else None),
+                params={"bus": bus, "starts_span": starts.get(index), "ends_span": ends.get(index)})
+        layer_specs.append(layer)
+    return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=block.layer_norm)

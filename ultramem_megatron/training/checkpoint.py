@@ -1,0 +1,153 @@
+"""Checkpoints with megatron dist_checkpointing: atomic 'latest', keep-last-k, exact resume state."""
+
+# Layout of run_dir/checkpoints:
+#   step_0000100/      a complete dist_checkpointing directory (model, optimizer, scheduler,
+#                      step, consumed samples, per-rank RNG)
+#   step_0000200.tmp/  a save in progress, or one killed midway: never read, removed on start
+#   latest             text: the name of the newest complete directory; replaced atomically
+#                      (write + fsync + rename) only after every rank finished writing.
+
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from .. import megatron_compat
+
+LATEST = "latest"
+_TMP_SUFFIX = ".tmp"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the run; the message says which."""
+
+
+@dataclass
+class TrainState:
+    """What a resume needs besides the model and optimizer."""
+
+    step: int = 0                 # optimizer steps done
+    consumed_samples: int = 0     # training samples read (data position)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": megatron_compat.rng_tracker_states()}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    megatron_compat.set_rng_tracker_states(state["tracker"])
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str | Path, keep_last: int):
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep_last = keep_last
+
+    def _sharded_state(self, model, optimizer, scheduler, state: TrainState,
+                       with_rng: bool = True, is_loading: bool = False) -> dict:
+        model_sd = megatron_compat.model_sharded_state_dict(model)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        sharded = {
+            "model": model_sd,
+            "optimizer": megatron_compat.optimizer_sharded_state_dict(optimizer, model_sd,
+                                                                      is_loading),
+            "scheduler": scheduler.state_dict(),
+            "train_state": {"step": state.step, "consumed_samples": state.consumed_samples},
+            "world_size": world,
+        }
+        if with_rng:  # one RNG state per rank: restored only when the world size is unchanged
+            sharded["rng"] = ShardedObject("rng_state", _rng_state(), (world,), (_rank(),),
+                                           replica_id=0)
+        return sharded
+
+    def latest(self) -> Optional[Path]:
+        marker = self.root / LATEST
+        if not marker.is_file():
+            return None
+        path = self.root / marker.read_text().strip()
+        if not path.is_dir():
+            raise CheckpointError(f"{marker} names {path.name}, which does not exist")
+        return path
+
+    def clean_incomplete(self) -> None:
+        """Remove saves that never completed (for example a process killed mid-save)."""
+        if _rank() == 0 and self.root.is_dir():
+            for path in self.root.glob(f"*{_TMP_SUFFIX}"):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        _barrier()
+
+    def save(self, model, optimizer, scheduler, state: TrainState) -> Path:
+        name = f"step_{state.step:07d}"
+        final, partial = self.root / name, self.root / f"{name}{_TMP_SUFFIX}"
+        if _rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        _barrier()
+        dist_checkpointing.save(self._sharded_state(model, optimizer, scheduler, state),
+                                str(partial), **megatron_compat.checkpoint_save_kwargs())
+        _barrier()
+        if _rank() == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+            _write_atomically(self.root / LATEST, name)
+            self._prune()
+        _barrier()
+        return final
+
+    def _prune(self) -> None:
+        complete = sorted(p for p in self.root.glob("step_*") if not p.name.endswith(_TMP_SUFFIX))
+        for path in complete[:-self.keep_last]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def load(self, path: Path, model, optimizer, scheduler) -> TrainState:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        try:
+            saved_world = dist_checkpointing.load_common_state_dict(str(path))["world_size"]
+            template = self._sharded_state(model, optimizer, scheduler, TrainState(),
+                                           with_rng=saved_world == world, is_loading=True)
+            loaded = dist_checkpointing.load(template, str(path))
+        except Exception as err:  # dist_checkpointing raises many kinds; say which checkpoint
+            raise CheckpointError(f"cannot load checkpoint {path}: {err}") from err
+        model.load_state_dict(loaded["model"])
+        megatron_compat.optimizer_load_state_dict(optimizer, loaded["optimizer"])
+        scheduler.load_state_dict(loaded["scheduler"])
+        if "rng" in loaded:
+            _set_rng_state(loaded["rng"])
+        return TrainState(**loaded["train_state"])
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + _TMP_SUFFIX)
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,190 @@
+"""The training loop: megatron's forward/backward schedule, optimizer step, (u, t) refresh, eval,
+metrics and checkpoints."""
+
+import time
+from functools import partial
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from .. import megatron_compat
+from ..config import ConfigError, RunConfig
+from ..data.loader import build_datasets, dataset_sizes, iterate_batches, validation_batches
+from ..data.prepare import ensure_prepared
+from ..data.tokenizer import load_tokenizer
+from ..model import MemoryGPT, build_model
+from ..model.stats import model_stats
+from .checkpoint import Checkpointer, TrainState
+from .metrics import MetricsLogger, peak_flops_per_second
+from .optim import build_optimizer, is_value_group
+
+
+def training_dtype(run: RunConfig) -> torch.dtype:
+    """bf16 on GPU and fp32 on CPU unless the config says otherwise."""
+    precision = run.train.precision
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def _loss_func(model: MemoryGPT, loss_mask: torch.Tensor, output: torch.Tensor):
+    """output: per-token losses [b, s] -> (masked mean + memory aux loss, values to log)."""
+    lm_loss = (output.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+    aux = model.memory_aux_loss()
+    total = lm_loss if aux is None else lm_loss + aux.float()
+    return total, {"lm_loss": lm_loss.detach(),
+                   "aux_loss": aux.detach().float() if aux is not None else torch.zeros(())}
+
+
+def _forward_step(model: MemoryGPT, data_iterator, ddp_model):
+    batch = {k: v.to(megatron_compat.device()) for k, v in next(data_iterator).items()}
+    output = ddp_model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(_loss_func, model, batch["loss_mask"])
+
+
+def _mean_over_data_parallel(values: list[float]) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=megatron_compat.device())
+    if dist.is_initialized():
+        dist.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
+        tensor /= parallel_state.get_data_parallel_world_size()
+    return tensor.tolist()
+
+
+class Trainer:
+    """Builds data, model, optimizer and checkpointer for a RunConfig; run() trains."""
+
+    def __init__(self, run: RunConfig):
+        self.cfg = run
+        train = run.train
+        if train.threads:
+            torch.set_num_threads(train.threads)
+        megatron_compat.initialize_distributed(run.parallel.tensor_model_parallel_size, train.seed)
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        if train.global_batch_size % (train.micro_batch_size * self.dp_size):
+            raise ConfigError(f"train.global_batch_size ({train.global_batch_size}) must be a "
+                              f"multiple of micro_batch_size x data-parallel size "
+                              f"({train.micro_batch_size} x {self.dp_size})")
+        self.num_microbatches = train.global_batch_size // (train.micro_batch_size * self.dp_size)
+        self.is_logger = dist.get_rank() == 0
+
+        tokenizer = load_tokenizer(run.data.tokenizer)
+        if tokenizer.vocab_size > run.model.vocab_size:
+            raise ConfigError(f"model.vocab_size ({run.model.vocab_size}) is smaller than the "
+                              f"tokenizer's vocabulary ({tokenizer.vocab_size})")
+        if self.is_logger:
+            ensure_prepared(run.data, tokenizer)
+        dist.barrier()
+        train_samples, valid_samples = dataset_sizes(train)
+        self.train_data, self.valid_data = build_datasets(
+            run.data, tokenizer, seq_length=run.model.seq_length, seed=train.seed,
+            train_samples=train_samples, valid_samples=valid_samples)
+
+        self.dtype = training_dtype(run)
+        self.model = build_model(run.model, run.parallel, self.dtype)
+        self.ddp_model = megatron_compat.wrap_data_parallel(
+            self.model, run.parallel.use_distributed_optimizer)
+        self.optimizer, self.scheduler = build_optimizer(run, [self.ddp_model], self.dtype)
+        self.checkpointer = Checkpointer(train.run_dir, train.keep_last)
+        self.state = TrainState()
+        self.checkpointer.clean_incomplete()
+        latest = self.checkpointer.latest() if train.resume else None
+        if latest is not None:
+            self.state = self.checkpointer.load(latest, self.model, self.optimizer, self.scheduler)
+            if self.is_logger:
+                print(f"resumed from {latest} at step {self.state.step}", flush=True)
+        self.flops_per_token = model_stats(run.model).flops_per_token
+        self.peak_flops = peak_flops_per_second(
+            torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            torch.get_num_threads())
+
+    # -------------------------------------------------------------------------------- steps
+
+    def _schedule(self, data: Iterator, num_microbatches: int, forward_only: bool) -> list[dict]:
+        return get_forward_backward_func()(
+            forward_step_func=partial(_forward_step, self.model),
+            data_iterator=data, model=[self.ddp_model], num_microbatches=num_microbatches,
+            seq_length=self.cfg.model.seq_length, micro_batch_size=self.cfg.train.micro_batch_size,
+            forward_only=forward_only)
+
+    def train_step(self, data: Iterator) -> dict:
+        self.ddp_model.train()
+        self.ddp_model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        reduced = self._schedule(data, self.num_microbatches, forward_only=False)
+        update_ok, grad_norm, _ = self.optimizer.step()
+        if not update_ok:
+            raise FloatingPointError(f"optimizer step {self.state.step + 1} was skipped: "
+                                     "non-finite gradients")
+        self.scheduler.step(increment=1)
+        self.model.refresh_rank1()
+        self.state.step += 1
+        self.state.consumed_samples += self.cfg.train.global_batch_size
+        lm, aux = _mean_over_data_parallel([
+            sum(r["lm_loss"].item() for r in reduced) / len(reduced),
+            sum(r["aux_loss"].item() for r in reduced) / len(reduced)])
+        return {"loss": lm, "aux_loss": aux, "grad_norm": float(grad_norm)}
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        if self.valid_data is None:
+            return None
+        self.ddp_model.eval()
+        batches = validation_batches(self.valid_data, self.cfg.train.micro_batch_size,
+                                     self.cfg.train.eval_iters * self.num_microbatches,
+                                     dp_rank=self.dp_rank, dp_size=self.dp_size)
+        reduced = self._schedule(iter(batches), len(batches), forward_only=True)
+        (loss,) = _mean_over_data_parallel([sum(r["lm_loss"].item() for r in reduced) / len(reduced)])
+        return loss
+
+    def _learning_rates(self) -> tuple[float, Optional[float]]:
+        base, value = None, None
+        for group in self.optimizer.param_groups:
+            if is_value_group(group):
+                value = group["lr"]
+            elif group.get("default_config", False) and base is None:
+                base = group["lr"]
+        return base, value
+
+    # -------------------------------------------------------------------------------- loop
+
+    def run(self) -> dict:
+        train = self.cfg.train
+        data = iterate_batches(self.train_data, train.micro_batch_size, self.state.consumed_samples,
+                               dp_rank=self.dp_rank, dp_size=self.dp_size)
+        logger = MetricsLogger(self.cfg, self.state.step) if self.is_logger else None
+        tokens_per_step = train.global_batch_size * self.cfg.model.seq_length
+        last = {}
+        window_start, window_steps = time.perf_counter(), 0
+        stop_at = train.max_steps
+        if train.exit_after_steps:
+            stop_at = min(stop_at, self.state.step + train.exit_after_steps)
+        while self.state.step < stop_at:
+            metrics = self.train_step(data)
+            window_steps += 1
+            step = self.state.step
+            if logger:
+                logger.advance()
+            if step % train.log_interval == 0 or step == train.max_steps:
+                elapsed = time.perf_counter() - window_start
+                tokens_per_s = tokens_per_step * window_steps / elapsed
+                lr, value_lr = self._learning_rates()
+                record = {"step": step, **metrics, "lr": lr, "value_lr": value_lr,
+                          "tokens_per_s": tokens_per_s,
+                          "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * max(1, dist.get_world_size())),
+                          "value_rows_hit": self.model.rows_hit_fraction(
+                              parallel_state.get_data_parallel_group())}
+                if step % train.eval_interval == 0 or step == train.max_steps:
+                    record["val_loss"] = self.evaluate()
+                if logger:
+                    logger.log(record)
+                last = record
+                window_start, window_steps = time.perf_counter(), 0
+            if step % train.save_interval == 0 or step == stop_at:
+                self.checkpointer.save(self.model, self.optimizer, self.scheduler, self.state)
+        if logger:
+            logger.close()
+        return last
