@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # (for example a user's CUDA build) is left alone.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv test bench clean
+.PHONY: venv train test bench clean
 
 venv: $(VENV)/.installed
 
@@ -17,8 +17,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
+# Trains the tiny default model on the committed fixture; data is tokenized on first use.
+train: venv
+	$(PY) train.py --config configs/tiny.yaml $(ARGS)
+
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests $(ARGS)
 
 bench: venv
 	$(PY) scripts/bench_layer.py

@@ -48,7 +48,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
         moe_aux_loss_coeff=moe.aux_loss_coeff if moe else 0.0,
         moe_router_load_balancing_type="aux_loss" if moe else "none",
         moe_token_dispatcher_type=moe.dispatcher if moe else "allgather",
-        moe_router_dtype=None,
+        moe_router_pre_softmax=bool(moe) and moe.topk == 1,   # megatron requires it for top-1
+        moe_router_dtype="fp32" if moe else None,             # routing in fp32 under bf16
     )
 
 

@@ -1,5 +1,46 @@
-"""Analytic parameter counts and FLOPs per token for every model family (checked against the built
-model by the tests)."""
+"""Analytic parameter counts and FLOPs per token for every model family (dense, MoE, PKM, UltraMem),
+exact for the model `build_model` builds (tests/model/test_stats.py checks them against it).
+
+Parameters
+  total_params      sum(p.numel()) of the built model (world size 1): embeddings, learned position
+                    table, every block (attention, norms, FFN / all experts + router), memory
+                    layers (all value rows), final norm, output layer (embeddings are not tied).
+                    Buffers (UltraMem permutation and rank-1 filter, BatchNorm running stats) are
+                    not parameters.
+  activated_params  parameters one token's forward pass reads: every dense weight (attention, norms,
+                    the FFN, or the router plus the top-k experts), in each memory layer its query
+                    projection / conv / norms, the *whole* key table and the Tucker cores (each
+                    token scores against every key) and the output projection, plus the value rows
+                    it retrieves: H*m rows of D_v per UltraMem layer, heads*k rows of D per PKM
+                    layer (a row counted once per retrieval, so an upper bound when rows repeat);
+                    one embedding row (and one position row); the whole output layer.
+  embedding_params / activated_embedding_params: the embedding part of each of the two counts
+                    (input embedding + learned positions + output layer / one row + one row +
+                    output layer). The paper's counts exclude embeddings (Dense-151M is 12*D^2*L
+                    = 0.151B), so compare with `non_embedding_params` / `..._activated_params`.
+
+FLOPs: forward FLOPs per token, 2 per multiply-accumulate.
+  matmul_flops      what torch.utils.flop_counter.FlopCounterMode counts on the CPU path
+                    (mm / addmm / bmm / baddbmm / convolution; einsum lowers to bmm, contracted
+                    left to right as torch does without opt_einsum): every linear layer (QKV,
+                    attention projection, FFN or the top-k experts and the router, output layer),
+                    the attention scores and the weighted sum over the full seq_length x
+                    seq_length square, as megatron's unfused DotProductAttention computes them
+                    (the causal mask is applied after the product, so the masked half is counted;
+                    a flash / fused kernel does about half of that), and in memory layers the
+                    query projection, the causal depthwise query conv, key scoring, the phase-1
+                    rank-1 filter, the phase-2 candidate grid and per-core re-scoring (UltraMem)
+                    or the sub-key scores (PKM).
+  attention_flops   the attention-score part of matmul_flops (4 * seq * D per layer per token).
+  other_flops       value pooling, an embedding_bag FlopCounterMode does not count: 2*H*m*D_v per
+                    UltraMem layer, 2*heads*k*D per PKM layer.
+  Not counted: norms, activations, softmax, top-k, embedding lookups, the loss, the key-table
+  norm (once per batch, not per token).
+  flops_per_token   training FLOPs per token = 3 x forward (backward = 2 x forward).
+  paper_flops       2 x non-embedding activated params: the convention of the paper's FLOPs column
+                    (Dense-151M 0.151B params -> 0.30G; ablation 173.01M -> 346.06M), which leaves
+                    out attention scores and the output layer.
+"""
 
 import math
 from dataclasses import dataclass
@@ -11,8 +52,11 @@ from ..config import ModelConfig, parse_spans
 class ModelStats:
     total_params: int
     activated_params: int      # parameters a token's forward pass reads
-    matmul_flops: int          # forward FLOPs per token in matrix products (2 per multiply-add)
-    other_flops: int           # forward FLOPs per token outside matmuls (value pooling)
+    matmul_flops: int          # forward FLOPs per token that FlopCounterMode counts (2 per MAC)
+    other_flops: int           # forward FLOPs per token outside them (value pooling)
+    embedding_params: int = 0            # part of total_params: embeddings, positions, output layer
+    activated_embedding_params: int = 0  # part of activated_params: one row (+1), output layer
+    attention_flops: int = 0             # part of matmul_flops: scores and weighted sum
 
     @property
     def forward_flops(self) -> int:
@@ -23,58 +67,87 @@ class ModelStats:
         """Training FLOPs per token: forward plus a backward of twice its cost."""
         return 3 * self.forward_flops
 
+    @property
+    def non_embedding_params(self) -> int:
+        return self.total_params - self.embedding_params
 
-def _norm_params(model: ModelConfig, width: int) -> int:
-    return width * (2 if model.normalization == "LayerNorm" else 1)
+    @property
+    def non_embedding_activated_params(self) -> int:
+        return self.activated_params - self.activated_embedding_params
+
+    @property
+    def paper_flops(self) -> int:
+        """2 x non-embedding activated params (the paper's FLOPs convention)."""
+        return 2 * self.non_embedding_activated_params
+
+
+@dataclass(frozen=True)
+class _Part:
+    total: int = 0       # parameters
+    activated: int = 0   # parameters one token reads
+    matmul: int = 0      # MACs per token counted by FlopCounterMode
+    other: int = 0       # MACs per token outside it (embedding_bag pooling)
+
+
+def _norm_params(normalization: str, width: int) -> int:
+    """LayerNorm: weight and bias; RMSNorm: weight (megatron's and torch's alike)."""
+    return width * (2 if normalization.lower() == "layernorm" else 1)
 
 
 def _ffn_params(model: ModelConfig, width: int) -> int:
+    """fc1 (2 x width wide with SwiGLU) and fc2, no biases."""
     return model.hidden_size * width * (3 if model.swiglu else 2)
 
 
-def _ultramem(model: ModelConfig) -> tuple[int, int, int, int]:
-    """(total params, activated params, matmul flops, pooling flops) of one UltraMem layer."""
+def _ultramem(model: ModelConfig) -> _Part:
+    """One UltraMemLayer (ultramem_megatron/memory/layer.py)."""
     mem, hidden = model.ultramem, model.hidden_size
+    heads, rank, cores = mem.num_heads, mem.tucker_rank, mem.num_cores
+    keys_per_axis, key_dim = mem.keys_per_axis, mem.key_dim
+    width, topk = mem.candidates_per_axis, mem.topk
     value_dim = mem.resolved_value_dim(hidden)
-    keys_per_axis, rank = mem.keys_per_axis, mem.tucker_rank
-    norm = mem.key_dim * (2 if mem.qk_norm == "layernorm" else 1)
-    query = hidden * 2 * mem.key_dim + 2 * norm  # query_proj, query_norm, key_norm
-    keys = mem.num_heads * 2 * keys_per_axis * mem.key_dim * rank
-    cores = mem.num_cores * mem.num_heads * rank * rank
-    values = mem.num_values * value_dim
-    out_proj = mem.expansion * value_dim * hidden
-    conv = hidden * mem.query_conv_kernel
-    dense = query + keys + cores + out_proj + conv
-    total = dense + values
-    read = mem.num_heads * mem.topk
-    activated = dense + read * value_dim
-    width = mem.candidates_per_axis
-    matmul = 2 * (hidden * 2 * mem.key_dim                       # query projection
-                  + 2 * mem.num_heads * keys_per_axis * rank * mem.key_dim  # row + column scores
-                  + out_proj)
-    pooling = 2 * read * value_dim + 2 * hidden * mem.query_conv_kernel
-    return total, activated, matmul, pooling
+
+    conv = hidden * mem.query_conv_kernel                            # depthwise [D, 1, kernel]
+    query = hidden * 2 * key_dim                                      # row and column query
+    norms = 2 * _norm_params(mem.qk_norm, key_dim)                    # query norm, key norm
+    keys = heads * 2 * keys_per_axis * key_dim * rank                 # [H, 2, sqrt(E) n, D_k, r]
+    core_params = cores * heads * rank * rank                         # [h, H, r, r]
+    values = mem.num_values * value_dim                               # [N, D_v]
+    out_proj = mem.expansion * value_dim * hidden                     # Linear(E D_v -> D)
+    dense = conv + query + norms + keys + core_params + out_proj
+    read = heads * topk * value_dim                                   # H*m rows of D_v
+
+    matmul = (
+        conv + query
+        + 2 * heads * keys_per_axis * rank * key_dim                  # row + column key scores
+        + 2 * heads * keys_per_axis * rank                            # phase-1 rank-1 filter u, t
+        + heads * width * rank * rank                                 # grid: S_row^T (sum_c C_c)
+        + heads * width * width * rank                                #   ... S_col, w x w cells
+        + heads * topk * cores * rank * rank                          # re-score: S_row^T C_c
+        + heads * topk * cores * rank                                 #   ... S_col, m cells
+        + out_proj)
+    return _Part(total=dense + values, activated=dense + read, matmul=matmul, other=read)
 
 
-def _pkm(model: ModelConfig) -> tuple[int, int, int, int]:
+def _pkm(model: ModelConfig) -> _Part:
+    """One ProductKeyMemory (ultramem_megatron/memory/pkm.py)."""
     pkm, hidden = model.pkm, model.hidden_size
     query = hidden * pkm.num_heads * pkm.key_dim
-    batchnorm = 2 * pkm.num_heads * pkm.key_dim if pkm.query_batchnorm else 0
-    keys = pkm.num_heads * pkm.num_keys * pkm.key_dim  # two halves of key_dim / 2
+    batchnorm = 2 * pkm.num_heads * pkm.key_dim if pkm.query_batchnorm else 0  # weight, bias
+    keys = pkm.num_heads * 2 * pkm.num_keys * (pkm.key_dim // 2)
     values = pkm.num_values * hidden
-    read = pkm.num_heads * pkm.topk
-    total = query + batchnorm + keys + values
-    activated = query + batchnorm + keys + read * hidden
-    matmul = 2 * (query + keys)
-    return total, activated, matmul, 2 * read * hidden
+    read = pkm.num_heads * pkm.topk * hidden
+    dense = query + batchnorm + keys
+    return _Part(total=dense + values, activated=dense + read, matmul=query + keys, other=read)
 
 
 def model_stats(model: ModelConfig) -> ModelStats:
-    hidden, layers, seq = model.hidden_size, model.num_layers, model.seq_length
-    embedding = model.vocab_size * hidden
-    positions = seq * hidden if model.position_embedding == "learned_absolute" else 0
-    attention = 4 * hidden * hidden + _norm_params(model, hidden)
-    pre_ffn_norm = _norm_params(model, hidden)
+    hidden, layers, seq, vocab = model.hidden_size, model.num_layers, model.seq_length, model.vocab_size
+    learned = model.position_embedding == "learned_absolute"
+    norm = _norm_params(model.normalization, hidden)
+
+    # Blocks: input norm, QKV + projection (no biases, no GQA), pre-FFN norm, FFN or MoE.
+    attention = 4 * hidden * hidden
     if model.family == "moe":
         moe = model.moe
         expert = _ffn_params(model, moe.expert_ffn_hidden_size or model.ffn_size)
@@ -82,35 +155,49 @@ def model_stats(model: ModelConfig) -> ModelStats:
         ffn_total, ffn_active = router + moe.num_experts * expert, router + moe.topk * expert
     else:
         ffn_total = ffn_active = _ffn_params(model, model.ffn_size)
-    block_total = attention + pre_ffn_norm + ffn_total
-    block_active = attention + pre_ffn_norm + ffn_active
-    output = hidden * model.vocab_size + _norm_params(model, hidden)  # final norm + output layer
+    blocks = _Part(total=layers * (2 * norm + attention + ffn_total),
+                   activated=layers * (2 * norm + attention + ffn_active),
+                   matmul=layers * (attention + ffn_active))
+    attention_macs = layers * 2 * seq * hidden  # Q K^T and probs V over the full seq x seq square
 
-    total = embedding + positions + layers * block_total + output
-    activated = hidden + positions // seq if positions else hidden  # one embedding row (+ position)
-    activated += layers * block_active + output
-    # Forward matmul FLOPs per token: every activated weight matrix once (the router included),
-    # plus attention scores and the weighted sum over the full computed sequence.
-    matmul = (2 * (layers * (4 * hidden * hidden + ffn_active) + hidden * model.vocab_size)
-              + layers * 2 * 2 * seq * hidden)
-    other = 0
+    embedding_total = 2 * vocab * hidden + (seq * hidden if learned else 0)
+    embedding_active = vocab * hidden + hidden * (2 if learned else 1)
+
+    memory = _Part()
     spans = parse_spans(model.memory_spans, layers)
     if model.family in ("ultramem", "pkm") and spans:
-        mem_total, mem_active, mem_matmul, mem_other = (
-            _ultramem(model) if model.family == "ultramem" else _pkm(model))
-        total += len(spans) * mem_total
-        activated += len(spans) * mem_active
-        matmul += len(spans) * mem_matmul
-        other += len(spans) * mem_other
-    return ModelStats(total_params=total, activated_params=activated, matmul_flops=matmul,
-                      other_flops=other)
+        one = _ultramem(model) if model.family == "ultramem" else _pkm(model)
+        memory = _Part(*(len(spans) * x for x in (one.total, one.activated, one.matmul, one.other)))
+
+    return ModelStats(
+        total_params=embedding_total + blocks.total + norm + memory.total,
+        activated_params=embedding_active + blocks.activated + norm + memory.activated,
+        matmul_flops=2 * (blocks.matmul + attention_macs + hidden * vocab + memory.matmul),
+        other_flops=2 * memory.other,
+        embedding_params=embedding_total,
+        activated_embedding_params=embedding_active,
+        attention_flops=2 * attention_macs,
+    )
+
+
+def built_param_counts(model) -> tuple[int, int]:
+    """(total, embedding) parameter counts of a built MemoryGPT (any device, meta included):
+    embedding = the input embedding, the learned position table and the output layer."""
+    total = embedding = 0
+    for name, param in model.named_parameters():
+        total += param.numel()
+        if name.startswith(("embedding.", "output_layer.")):
+            embedding += param.numel()
+    return total, embedding
+
+
+def fmt(n: float) -> str:
+    """1234567 -> '1.235M'."""
+    exponent = min(int(math.log10(max(abs(n), 1)) // 3), 7)
+    return f"{n / 10 ** (3 * exponent):.3f}{' KMGTPEZ'[exponent].strip()}"
 
 
 def describe(stats: ModelStats) -> str:
-    def fmt(n: float) -> str:
-        exponent = min(int(math.log10(max(n, 1)) // 3), 4)
-        return f"{n / 10 ** (3 * exponent):.3f}{' KMGT'[exponent].strip()}"
-
     return (f"total params {fmt(stats.total_params)} | activated params "
             f"{fmt(stats.activated_params)} | forward FLOPs/token {fmt(stats.forward_flops)} "
             f"(matmul {fmt(stats.matmul_flops)}) | training FLOPs/token {fmt(stats.flops_per_token)}")

@@ -1,0 +1,110 @@
+"""Parameters and FLOPs per token of a run config: `python scripts/model_stats.py CONFIG [key=value ...] [--check]`."""
+
+# Prints the analytic counts of ultramem_megatron/model/stats.py (what "activated" and the FLOPs
+# columns mean is in its docstring). --check also builds the model and prints the built parameter
+# counts beside the analytic ones: on the meta device (no memory, seconds) when the model is over
+# --meta-above parameters, otherwise on the CPU, where it also counts one forward pass
+# ([1, seq_length] tokens) with torch's FlopCounterMode beside the analytic matmul FLOPs.
+# Exit status 1 when a check disagrees.
+
+import argparse
+import sys
+import warnings
+
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+warnings.filterwarnings("ignore", message="Apex is not installed")
+warnings.filterwarnings("ignore", message="full scope is deprecated")
+
+from ultramem_megatron.config import ConfigError, load_config  # noqa: E402
+from ultramem_megatron.model.stats import built_param_counts, fmt, model_stats  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("config", help="YAML run config, e.g. configs/ultramem_151m.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.num_layers=6")
+    p.add_argument("--check", action="store_true",
+                   help="build the model and compare its parameter count (and FLOPs on CPU)")
+    p.add_argument("--meta-above", type=float, default=5e7, metavar="PARAMS",
+                   help="with --check, build on the meta device above this many parameters "
+                        "(default 5e7)")
+    return p.parse_args(argv)
+
+
+def row(label: str, value: float, exact: bool = True) -> str:
+    return f"  {label:<44} {fmt(value):>10}" + (f"   ({int(value):,})" if exact else "")
+
+
+def check(run, stats, meta_above: float) -> bool:
+    import torch
+
+    from ultramem_megatron import megatron_compat
+    from ultramem_megatron.model import build_model
+
+    megatron_compat.initialize_single_process(run.train.seed)
+    on_meta = stats.total_params > meta_above
+    if on_meta:
+        with torch.device("meta"):
+            model = build_model(run.model, run.parallel)
+    else:
+        model = build_model(run.model, run.parallel)
+    total, embedding = built_param_counts(model)
+    where = "meta device" if on_meta else "CPU"
+    ok = total == stats.total_params and embedding == stats.embedding_params
+    print(f"\ncheck: built on the {where}")
+    print(f"  {'':<24} {'analytic':>16} {'built':>16}")
+    print(f"  {'total params':<24} {stats.total_params:>16,} {total:>16,}")
+    print(f"  {'non-embedding params':<24} {stats.non_embedding_params:>16,} {total - embedding:>16,}")
+    if not on_meta:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        megatron_compat.enter_cpu_device_mode()
+        seq = run.model.seq_length
+        tokens = torch.randint(0, run.model.vocab_size, (1, seq))
+        positions = torch.arange(seq).unsqueeze(0)
+        counter = FlopCounterMode(display=False)
+        with counter:  # not under no_grad: FlopCounterMode's module tracker then fails on the
+            model(tokens, positions, None)  # key-norm input (a parameter view without grad_fn)
+        counted = counter.get_total_flops() // seq
+        ok = ok and counted == stats.matmul_flops
+        print(f"  {'matmul FLOPs/token':<24} {stats.matmul_flops:>16,} {counted:>16,}"
+              "   (FlopCounterMode, one forward)")
+    print("  OK" if ok else "  MISMATCH")
+    return ok
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        run = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    model = run.model
+    stats = model_stats(model)
+    print(f"{args.config}: {model.family}, {model.num_layers} layers, D={model.hidden_size}, "
+          f"seq {model.seq_length}, vocab {model.vocab_size}"
+          + (f", memory spans {model.memory_spans}" if model.memory_spans else ""))
+    print("parameters")
+    print(row("total", stats.total_params))
+    print(row("activated per token", stats.activated_params))
+    print(row("non-embedding total (the paper's count)", stats.non_embedding_params))
+    print(row("non-embedding activated", stats.non_embedding_activated_params))
+    print("forward FLOPs per token (2 per multiply-add)")
+    print(row("matmul (what FlopCounterMode counts)", stats.matmul_flops))
+    print(row("  of which attention (full seq x seq)", stats.attention_flops))
+    print(row("other (value pooling)", stats.other_flops))
+    print(row("forward total", stats.forward_flops))
+    print(row("training (3 x forward)", stats.flops_per_token))
+    print(row("paper convention (2 x non-emb. activated)", stats.paper_flops))
+    tokens = run.train.global_batch_size * model.seq_length
+    print(f"per step ({run.train.global_batch_size} x {model.seq_length} tokens): training FLOPs "
+          f"{fmt(stats.flops_per_token * tokens)}; whole run ({run.train.max_steps} steps): "
+          f"{fmt(stats.flops_per_token * tokens * run.train.max_steps)}")
+    if args.check and not check(run, stats, args.meta_above):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
