@@ -1,1 +1,8 @@
 """ultramem-megatron: pretraining language models with UltraMem layers on megatron-core."""
+
+import warnings
+
+# megatron-core warns at import that Transformer Engine / apex are absent; here they are optional
+# fast paths (CPU runs never have them), so the warning is noise.
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+warnings.filterwarnings("ignore", message="Apex is not installed")

@@ -1,0 +1,68 @@
+"""Configuration: YAML + dotted overrides, and a clear error for every kind of bad input."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ultramem_megatron.config import ConfigError, load_config, parse_spans, parse_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_overrides_use_the_configs_dotted_names_and_yaml_types():
+    run = load_config(ROOT / "configs/tiny.yaml",
+                      ["train.max_steps=100", "train.lr=3e-4", "model.family=moe",
+                       "model.memory_spans=", "model.moe={num_experts: 8}",
+                       "train.run_dir=runs/x", "model.ultramem.topk=8"])
+    assert run.train.max_steps == 100 and run.train.lr == 3e-4
+    assert run.model.family == "moe" and run.model.moe.num_experts == 8
+    assert run.model.ultramem.topk == 8 and run.train.run_dir == "runs/x"
+
+
+def test_yaml_keeps_spans_as_strings_and_reads_exponents_as_floats():
+    assert parse_yaml("a: 1:2\nb: 3e-3\nc: 12\nd: 2:5/6:9") == {
+        "a": "1:2", "b": 0.003, "c": 12, "d": "2:5/6:9"}
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.hidden_sise=64"], "unknown key.*hidden_sise"),
+    (["train.max_steps=ten"], "train.max_steps: expected an integer"),
+    (["train.resume=maybe"], "train.resume: expected true or false"),
+    (["model.family=transformer"], "model.family"),
+    (["model.memory_spans=2:1"], "memory_spans"),
+    (["model.memory_spans=1:3/2:3"], "overlap"),
+    (["model.memory_spans=1:9"], "num_layers"),
+    (["model.memory_spans=a:b"], "integers"),
+    (["model.family=pkm"], "model.pkm section is missing"),
+    (["model.family=dense"], "memory_spans is set"),
+    (["model.ultramem.expansion=8"], "perfect square"),
+    (["model.hidden_size=130"], "divisible by model.num_attention_heads"),
+    (["train.global_batch_size=12"], "multiple of train.micro_batch_size"),
+    (["data.blend=[]"], "data.blend is empty"),
+    (["data.blend=[{prefix: a, weight: 0}]"], "weight must be positive"),
+    (["data.split=90,10"], "data.split"),
+    (["train"], "key.sub=value"),
+])
+def test_bad_config_names_the_problem(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(ROOT / "configs/tiny.yaml", overrides)
+
+
+def test_missing_config_file_is_refused():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(ROOT / "configs/nope.yaml")
+
+
+def test_spans_parse_sorted():
+    assert parse_spans("6:9/2:5", 12) == [(2, 5), (6, 9)]
+
+
+def test_train_py_refuses_bad_config_before_building_anything():
+    result = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.yaml",
+                             "model.memory_spans=3:1"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("config error: model.memory_spans")
+    assert "Traceback" not in result.stderr
