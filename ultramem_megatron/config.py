@@ -301,6 +301,9 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"model.memory_spans is set but model.family is {model.family!r}")
     if model.family == "ultramem":
         model.ultramem.resolved_value_dim(model.hidden_size)
+    if spans and parallel.sequence_parallel:
+        raise ConfigError("parallel.sequence_parallel with memory layers is not supported yet: "
+                          "their parameters would see different tokens on each TP rank")
     if model.family == "moe" and not 1 <= model.moe.topk <= model.moe.num_experts:
         raise ConfigError("model.moe.topk must be in [1, model.moe.num_experts]")
     if len(config.data.split.split(",")) != 3:

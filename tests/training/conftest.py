@@ -14,6 +14,13 @@ SMALL = ["model.hidden_size=64", "model.num_attention_heads=4", "model.ffn_hidde
          "train.threads=1"]
 
 
+def _clean_env() -> dict:
+    """This process's environment without the rendezvous variables an in-process test may have
+    set (the port is still held here)."""
+    rendezvous = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"}
+    return {**{k: v for k, v in os.environ.items() if k not in rendezvous}, "PYTHONUNBUFFERED": "1"}
+
+
 def train(run_dir: Path, *overrides: str, check: bool = True, python: list[str] | None = None
           ) -> subprocess.CompletedProcess:
     """Run train.py (or the given python command) from the repo root in its own session, the
@@ -24,8 +31,7 @@ def train(run_dir: Path, *overrides: str, check: bool = True, python: list[str] 
     run_dir.mkdir(parents=True, exist_ok=True)
     out_path, err_path = run_dir / "stdout.log", run_dir / "stderr.log"
     with open(out_path, "w") as out, open(err_path, "w") as err:
-        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=err,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=err, env=_clean_env(),
                                    start_new_session=True)
         try:
             returncode = process.wait(timeout=600)
