@@ -16,9 +16,16 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    from ultramem_megatron.training.loop import Trainer  # heavy imports after validation
+    from ultramem_megatron.data.prepare import DataPrepError  # heavy imports after validation
+    from ultramem_megatron.data.tokenizer import TokenizerError
+    from ultramem_megatron.training.checkpoint import CheckpointError
+    from ultramem_megatron.training.loop import Trainer
 
-    final = Trainer(run).run()
+    try:
+        final = Trainer(run).run()
+    except (ConfigError, DataPrepError, TokenizerError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if final.get("val_loss") is not None:
         print(f"final validation loss {final['val_loss']:.4f} at step {final['step']}", flush=True)
     return 0

@@ -1,7 +1,9 @@
-"""CPU benchmark of one UltraMem layer against PKM, megatron-core MoE and a dense MLP at one hidden size."""
+"""Benchmark of one UltraMem layer against PKM, megatron-core MoE and a dense MLP at one hidden size."""
 
-# Usage:  python scripts/bench_layer.py            (full run, ~70 s on 2 idle cores)
+# Usage:  python scripts/bench_layer.py            (full run on the CPU, ~70 s on 2 idle cores)
 #         python scripts/bench_layer.py --quick    (smoke run, ~10 s)
+#         python scripts/bench_layer.py --device cuda --dtype bf16 --tokens 1,256,4096,65536
+#                                                  (on a GPU; scripts/gpu_check.sh runs this)
 #
 # Sizing (defaults D=512):
 #   UltraMem  n=128 keys per axis -> N=n^2 values of width D_v=D/2 (4.2M at D=512), H=2, m=32,
@@ -16,6 +18,12 @@
 # time. Layers are interleaved inside every repeat so that all of them see the same machine noise;
 # the median over repeats is reported. PKM's query BatchNorm always uses running statistics
 # (eval), because a training-mode BatchNorm cannot take a 1-token batch.
+# Device and precision: all four layers are built on the CPU from one TransformerConfig (so both
+# devices start from the same initialization) and moved to --device. --dtype bf16 sets that
+# config's params_dtype (and bf16=True, and an fp32 MoE router, as ultramem_megatron.model.gpt
+# does for training): parameters, inputs and activations are bf16 in every layer, no autocast.
+# On cuda every timed call is bracketed by torch.cuda.synchronize(), so a sample is the call's
+# full device time plus launch overhead.
 
 import argparse
 import dataclasses
@@ -63,9 +71,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="parameter and activation dtype of all four layers")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: D=128, n=32, PKM k=16, tokens 1,16,256, 1 warmup, 3 repeats")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device")
     if args.quick:
         args.hidden, args.num_keys, args.pkm_topk, args.tokens = 128, 32, 16, "1,16,256"
         args.warmup, args.repeats = 1, 3
@@ -159,10 +172,12 @@ def set_mode(layer, training: bool) -> None:
 
 
 def time_cell(layers: dict, tokens: int, hidden: int, train: bool, warmup: int, repeats: int,
-              generator: torch.Generator) -> dict[str, float]:
+              generator: torch.Generator, device: torch.device,
+              dtype: torch.dtype) -> dict[str, float]:
     """Median seconds per call of every layer at this token count; layers interleaved."""
-    x = torch.randn(tokens, 1, hidden, generator=generator).requires_grad_(train)
-    g = torch.randn(tokens, 1, hidden, generator=generator)
+    x = torch.randn(tokens, 1, hidden, generator=generator).to(device, dtype).requires_grad_(train)
+    g = torch.randn(tokens, 1, hidden, generator=generator).to(device, dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     calls = {}
     for name, (layer, aux) in layers.items():
         set_mode(layer, train)
@@ -174,8 +189,10 @@ def time_cell(layers: dict, tokens: int, hidden: int, train: bool, warmup: int, 
     samples = {name: [] for name in layers}
     for _ in range(repeats):
         for name, call in calls.items():
+            sync()
             start = time.perf_counter()
             call()
+            sync()
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(s) for name, s in samples.items()}
 
@@ -199,15 +216,32 @@ def fmt_time(seconds: float) -> str:
     return f"{seconds * 1e3:.3f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
+def machine(args) -> str:
+    """The header's device part: threads and CPU model, or the GPU and its CUDA version."""
+    if args.device == "cuda":
+        return (f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), "
+                f"{args.threads} host threads")
+    cpu = "unknown CPU"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), cpu)
+    return f"{args.threads} threads, {cpu}"
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     initialize_single_process(args.seed)
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    bf16 = dtype == torch.bfloat16
     d = args.hidden
     config = TransformerConfig(
         num_layers=1, hidden_size=d, num_attention_heads=max(1, d // 64), ffn_hidden_size=4 * d,
-        add_bias_linear=False, moe_router_dtype=None, gradient_accumulation_fusion=False,
-        bias_dropout_fusion=False, use_cpu_initialization=True,
+        add_bias_linear=False, moe_router_dtype="fp32" if bf16 else None,
+        gradient_accumulation_fusion=False, bias_dropout_fusion=False,
+        use_cpu_initialization=True, params_dtype=dtype, bf16=bf16,
         moe_token_dispatcher_type=args.dispatcher)
 
     um_cfg = UltraMemConfig(num_keys=args.num_keys, key_dim=args.key_dim, topk=args.topk,
@@ -264,12 +298,7 @@ def main(argv=None) -> None:
     flops = {"ultramem": um_f, "pkm": pkm_f, "moe": moe_f, "dense": dense_f}
     params = {"ultramem": um_params, "pkm": pkm_params, "moe": moe_params, "dense": dense_params}
 
-    cpu = "unknown CPU"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name")), cpu)
-    print(f"# Layer benchmark: D={d}, fp32, {args.threads} threads, {cpu}, torch "
+    print(f"# Layer benchmark: D={d}, {args.dtype}, {machine(args)}, torch "
           f"{torch.__version__}, {'quick' if args.quick else 'full'} run, median of "
           f"{args.repeats} after {args.warmup} warmup, layers interleaved per repeat")
     print()
@@ -303,7 +332,8 @@ def main(argv=None) -> None:
         parts = ", ".join(f"{part} {v:,}" for part, v in flops[k].items())
         print(f"| {names[k]} | {total:,} | {total / um_total_flops:.2f}x | {parts} |")
     print()
-    print("## Parameter bytes touched per token by one forward (fp32), for a batch of T tokens")
+    print(f"## Parameter bytes touched per token by one forward ({args.dtype}), for a batch of T "
+          "tokens")
     print("memory layers: (all non-value parameters + min(T * items/token, N) value rows) / T, "
           "i.e. assuming the lookups hit distinct rows until the table is exhausted (an upper "
           f"bound); items/token = H*m = {info['ultramem']['items']} for UltraMem "
@@ -319,8 +349,8 @@ def main(argv=None) -> None:
     print()
     sys.stdout.flush()
 
-    layers = {"ultramem": (ultramem, True), "pkm": (pkm, True), "moe": (moe, False),
-              "dense": (dense, False)}
+    layers = {"ultramem": (ultramem.to(device), True), "pkm": (pkm.to(device), True),
+              "moe": (moe.to(device), False), "dense": (dense.to(device), False)}
     generator = torch.Generator().manual_seed(args.seed)
     load_before = load_now()
     start = time.perf_counter()
@@ -330,7 +360,8 @@ def main(argv=None) -> None:
         print("| T | " + " | ".join(names.values()) + " |")
         print("|---:|" + "---:|" * len(names))
         for t in args.tokens:
-            med = time_cell(layers, t, d, train, args.warmup, args.repeats, generator)
+            med = time_cell(layers, t, d, train, args.warmup, args.repeats, generator, device,
+                            dtype)
             print(f"| {t} | " + " | ".join(
                 f"{fmt_time(med[k])} ({med[k] / med['ultramem']:.2f}x)" for k in names) + " |")
             sys.stdout.flush()

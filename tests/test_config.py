@@ -1,5 +1,6 @@
 """Configuration: YAML + dotted overrides, and a clear error for every kind of bad input."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,4 +66,19 @@ def test_train_py_refuses_bad_config_before_building_anything():
                             timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("config error: model.memory_spans")
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["data.blend=[{prefix: data/built/none, source: data/none/*.jsonl}]"],
+     r"error: data.blend\[0\]: data/built/none.bin/.idx do not exist, and no JSON-lines file"),
+    (["data.blend=[{prefix: data/built/none}]"], "no source to prepare them from"),
+    (["data.tokenizer=./no/such/tokenizer"], "no such directory"),
+])
+def test_train_py_names_missing_files(tmp_path, overrides, message):
+    result = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.yaml",
+                             f"train.run_dir={tmp_path}", *overrides], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert re.search(message, result.stderr.strip().splitlines()[-1]), result.stderr[-2000:]
     assert "Traceback" not in result.stderr

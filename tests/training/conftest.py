@@ -21,8 +21,8 @@ def _clean_env() -> dict:
     return {**{k: v for k, v in os.environ.items() if k not in rendezvous}, "PYTHONUNBUFFERED": "1"}
 
 
-def train(run_dir: Path, *overrides: str, check: bool = True, python: list[str] | None = None
-          ) -> subprocess.CompletedProcess:
+def train(run_dir: Path, *overrides: str, check: bool = True, python: list[str] | None = None,
+          env: dict | None = None) -> subprocess.CompletedProcess:
     """Run train.py (or the given python command) from the repo root in its own session, the
     way a scheduler runs a job: output goes to files, and whatever the run leaves behind (the
     checkpoint writer's helper processes outlive a SIGKILLed parent) is killed with the session."""
@@ -31,7 +31,7 @@ def train(run_dir: Path, *overrides: str, check: bool = True, python: list[str] 
     run_dir.mkdir(parents=True, exist_ok=True)
     out_path, err_path = run_dir / "stdout.log", run_dir / "stderr.log"
     with open(out_path, "w") as out, open(err_path, "w") as err:
-        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=err, env=_clean_env(),
+        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=err, env={**_clean_env(), **(env or {})},
                                    start_new_session=True)
         try:
             returncode = process.wait(timeout=600)

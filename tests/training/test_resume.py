@@ -57,4 +57,6 @@ def test_kill_during_save_resumes_from_previous_complete_checkpoint(tmp_path, st
     assert "at step 2" in resumed.stdout
     assert not (checkpoints / "step_0000004.tmp").exists()
     assert (checkpoints / "latest").read_text() == f"step_{STEPS:07d}"
+    kept = sorted(p.name for p in checkpoints.glob("step_*"))
+    assert kept == ["step_0000004", "step_0000006"]  # keep_last = 2
     assert losses(run_dir) == straight

@@ -41,7 +41,6 @@ class MetricsLogger:
         self.jsonl.write(json.dumps(clean) + "\n")
         self.jsonl.flush()
         shown = {k: v for k, v in clean.items() if k != "step" and v is not None}
-        self.progress.set_postfix_str(_format(shown), refresh=False)
         self.progress.write(f"step {clean['step']:>6} | {_format(shown)}")
         step = clean["step"]
         for name, value in shown.items():
