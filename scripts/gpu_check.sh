@@ -18,7 +18,10 @@
 #
 # then the device call is (timeout_s 540, carry [".whl"]):
 #
-#   bash scripts/gpu_check.sh 2>&1 | tee $OUT/gpu_check.log
+#   set -o pipefail; bash scripts/gpu_check.sh 2>&1 | tee $OUT/gpu_check.log
+#
+# (the reply's output_tail holds only the last 12,000 characters; the whole log and each
+# benchmark's output come back as files from $OUT).
 #
 # Steps run with their own timeouts (worst case about 7 minutes, typically 2 to 3) and the run
 # goes on when one fails; a summary of exit codes comes last, and the exit status is 1 if any step
