@@ -1,5 +1,7 @@
 """Shared fixtures: deterministic seeds and small megatron TransformerConfigs."""
 
+import os
+
 import pytest
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -14,3 +16,11 @@ def transformer_config(hidden_size: int = 64, num_layers: int = 4,
                        dtype: torch.dtype = torch.float32) -> TransformerConfig:
     return TransformerConfig(num_layers=num_layers, hidden_size=hidden_size,
                              num_attention_heads=4, params_dtype=dtype)
+
+
+def subprocess_env(**extra: str) -> dict:
+    """This process's environment for a child run, without the rendezvous variables an
+    in-process test may have set (their port is still held here)."""
+    rendezvous = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"}
+    env = {k: v for k, v in os.environ.items() if k not in rendezvous}
+    return {**env, "PYTHONUNBUFFERED": "1", **extra}

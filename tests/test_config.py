@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import subprocess_env
 from ultramem_megatron.config import ConfigError, load_config, parse_spans, parse_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ def test_spans_parse_sorted():
 def test_train_py_refuses_bad_config_before_building_anything():
     result = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.yaml",
                              "model.memory_spans=3:1"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=60)
+                            timeout=60, env=subprocess_env())
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("config error: model.memory_spans")
     assert "Traceback" not in result.stderr
@@ -78,7 +79,7 @@ def test_train_py_refuses_bad_config_before_building_anything():
 def test_train_py_names_missing_files(tmp_path, overrides, message):
     result = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.yaml",
                              f"train.run_dir={tmp_path}", *overrides], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, env=subprocess_env())
     assert result.returncode == 2
     assert re.search(message, result.stderr.strip().splitlines()[-1]), result.stderr[-2000:]
     assert "Traceback" not in result.stderr

@@ -2,12 +2,14 @@
 
 # megatron-core hard-codes torch.cuda in many places. apply_cpu_patches() makes the parts we use
 # run on a CPU-only machine and is a no-op when CUDA is available; nothing else in the package
-# should know these patches exist. Tested on megatron-core 0.16.1; attributes that differ between
-# versions are looked up with hasattr/getattr so 0.19.x takes the same route.
+# should know these patches exist. Tested on megatron-core 0.16.1 (Python 3.11) and 0.19.2
+# (Python 3.12); attributes that differ between versions are looked up with hasattr/getattr, and
+# each version-specific branch says which versions take it.
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import random
@@ -150,12 +152,17 @@ def initialize_single_process(seed: int = 1234) -> None:
     """
     apply_cpu_patches()
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
         if torch.cuda.is_available():
             torch.cuda.set_device(0)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, rank=0, world_size=1)
+        if "MASTER_PORT" in os.environ:  # a launcher's rendezvous: use it
+            dist.init_process_group(backend, rank=0, world_size=1)
+        else:
+            # An explicit address instead of setting MASTER_ADDR/MASTER_PORT in os.environ: those
+            # would leak into every child process (train.py run by a test), whose own world-of-one
+            # init would then try to bind the port this process still holds (EADDRINUSE).
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                    rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
     torch.manual_seed(seed)
@@ -182,13 +189,11 @@ def build_moe_layer(config: TransformerConfig, num_experts: int, topk: int) -> t
     width (moe_ffn_hidden_size) and the rest are used as given. forward: [s, b, D] -> (out, bias).
     """
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.spec_utils import build_module
 
     config = dataclasses.replace(config, num_moe_experts=num_experts, moe_router_topk=topk)
     _check_cpu_config(config, moe=True)
-    _define_missing_te_gemm()  # a missing-TE bug, not a CPU one: needed on GPUs without TE too
     spec = get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False).submodules.mlp
-    return build_module(spec, config=config)
+    return build_ffn(spec, config)
 
 
 def build_dense_mlp(config: TransformerConfig) -> torch.nn.Module:
@@ -197,13 +202,12 @@ def build_dense_mlp(config: TransformerConfig) -> torch.nn.Module:
     forward: [s, b, D] -> (out, bias).
     """
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.spec_utils import build_module
 
     if config.num_moe_experts is not None:
         config = dataclasses.replace(config, num_moe_experts=None, moe_ffn_hidden_size=None)
     _check_cpu_config(config, moe=False)
     spec = get_gpt_layer_local_spec().submodules.mlp
-    return build_module(spec, config=config)
+    return build_ffn(spec, config)
 
 
 # ------------------------------------------------------------------------------ model building
@@ -230,26 +234,73 @@ def unfuse_pre_mlp_norm(layer_spec) -> None:
     from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TENorm
 
     submodules.pre_mlp_layernorm = TENorm
-    submodules.mlp.submodules.linear_fc1 = TEColumnParallelLinear
+    _spec_submodules(submodules.mlp).linear_fc1 = TEColumnParallelLinear
     submodules.sharded_state_dict_keys_map = {
         key: value for key, value in submodules.sharded_state_dict_keys_map.items()
         if not key.startswith("pre_mlp_layernorm.")}
 
 
-def build_ffn(spec, config: TransformerConfig) -> torch.nn.Module:
-    """Build a block's FFN (MLP or MoELayer) with the process groups TransformerLayer would pass it
-    (it passes none to an MLP wrapper it does not know, such as ours)."""
+def _spec_submodules(spec):
+    """The submodules of an FFN spec: a ModuleSpec's field, or (megatron-core >= 0.18) the
+    `submodules=` keyword of the functools.partial builders its GPT specs return."""
+    if isinstance(spec, functools.partial):
+        return spec.keywords["submodules"]
+    return spec.submodules
+
+
+def _layer_calls_mlp_builder() -> bool:
+    """megatron-core >= 0.18 (checked on 0.18.0 and 0.19.2): TransformerLayer builds its FFN as
+    `submodules.mlp(config=, pg_collection=, is_mtp_layer=, name=)`, and the GPT specs give the FFN
+    as a builder (`functools.partial(MLP.as_mlp_submodule, submodules=...)`,
+    `functools.partial(MoELayer, submodules=...)`) instead of a ModuleSpec. Up to 0.17 it calls
+    `build_module(spec, config=, tp_group= | pg_collection=)`, choosing by the spec's class, and
+    passes only `config` to a module it does not know (logging "Unknown MLP type")."""
+    from megatron.core.transformer.mlp import MLP
+
+    return hasattr(MLP, "as_mlp_submodule")
+
+
+def build_ffn(spec, config: TransformerConfig, pg_collection=None, is_mtp_layer: bool = False,
+              name: str | None = None) -> torch.nn.Module:
+    """Build a block's FFN (MLP or MoELayer) from its spec the way TransformerLayer would have.
+
+    pg_collection / is_mtp_layer / name: what TransformerLayer passes its `mlp` (megatron-core
+    >= 0.18 passes them to our wrapper too; forward them). Without pg_collection, the global
+    (mpu) process groups are used, which is what TransformerLayer uses by default."""
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.mlp import MLP
     from megatron.core.transformer.moe.moe_layer import MoELayer
-    from megatron.core.transformer.spec_utils import build_module
+    from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-    if spec.module is MoELayer:
-        _define_missing_te_gemm()
-        return build_module(spec, config=config, pg_collection=ProcessGroupCollection.use_mpu_process_groups())
-    if spec.module is MLP:
-        return build_module(spec, config=config, tp_group=parallel_state.get_tensor_model_parallel_group())
+    _define_missing_te_gemm()  # a missing-TE bug, not a CPU one: needed on GPUs without TE too
+    if _layer_calls_mlp_builder():
+        # megatron-core >= 0.18. A ModuleSpec(MLP / TEFusedMLP) is rewrapped exactly as
+        # TransformerLayer does (MLP itself takes tp_group, not pg_collection).
+        if isinstance(spec, ModuleSpec) and hasattr(_module_class(spec), "as_mlp_submodule"):
+            spec = functools.partial(_module_class(spec).as_mlp_submodule,
+                                     submodules=spec.submodules, **spec.params)
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+        return spec(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer,
+                    name=name)
+    # megatron-core 0.16 / 0.17: ModuleSpecs, extra kwargs chosen by module class.
+    module = _module_class(spec)
+    if module is MoELayer:
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+        return build_module(spec, config=config, pg_collection=pg_collection)
+    if module is MLP:
+        tp_group = pg_collection.tp if pg_collection is not None \
+            else parallel_state.get_tensor_model_parallel_group()
+        return build_module(spec, config=config, tp_group=tp_group)
     return build_module(spec, config=config)
+
+
+def _module_class(spec):
+    """The class a ModuleSpec (or a bare class) builds."""
+    from megatron.core.transformer.spec_utils import get_module
+
+    return get_module(spec)
 
 
 # ------------------------------------------------------------------------------ optimizer

@@ -7,18 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import subprocess_env
+
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["model.hidden_size=64", "model.num_attention_heads=4", "model.ffn_hidden_size=128",
          "model.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=4",
          "train.log_interval=1", "train.eval_interval=1000", "train.save_interval=1000",
          "train.threads=1"]
-
-
-def _clean_env() -> dict:
-    """This process's environment without the rendezvous variables an in-process test may have
-    set (the port is still held here)."""
-    rendezvous = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"}
-    return {**{k: v for k, v in os.environ.items() if k not in rendezvous}, "PYTHONUNBUFFERED": "1"}
 
 
 def train(run_dir: Path, *overrides: str, check: bool = True, python: list[str] | None = None,
@@ -31,7 +26,8 @@ def train(run_dir: Path, *overrides: str, check: bool = True, python: list[str] 
     run_dir.mkdir(parents=True, exist_ok=True)
     out_path, err_path = run_dir / "stdout.log", run_dir / "stderr.log"
     with open(out_path, "w") as out, open(err_path, "w") as err:
-        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=err, env={**_clean_env(), **(env or {})},
+        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=err,
+                                   env=subprocess_env(**(env or {})),
                                    start_new_session=True)
         try:
             returncode = process.wait(timeout=600)
