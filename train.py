@@ -26,7 +26,10 @@ def main(argv=None) -> int:
     except (ConfigError, DataPrepError, TokenizerError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if final.get("val_loss") is not None:
+    if not final:
+        print(f"nothing to do: {run.train.run_dir} is already at train.max_steps "
+              f"({run.train.max_steps}); raise it to continue", flush=True)
+    elif final.get("val_loss") is not None:
         print(f"final validation loss {final['val_loss']:.4f} at step {final['step']}", flush=True)
     return 0
 
