@@ -144,6 +144,23 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _init_process_group() -> None:
+    """torchrun's rendezvous when its variables are set, else a world of one on a free local port
+    (gloo on CPU, nccl with CUDA). The port goes in init_method, not os.environ: environment
+    variables would leak into child processes (train.py run by a test), whose own world-of-one
+    init would then try to bind the port this process still holds (EADDRINUSE)."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if "MASTER_PORT" in os.environ:
+        dist.init_process_group(backend)  # env:// with RANK and WORLD_SIZE from the launcher
+    else:
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                rank=0, world_size=1)
+
+
 def initialize_single_process(seed: int = 1234) -> None:
     """World-size-1 process group, megatron model-parallel state (all sizes 1) and RNG tracker.
 
@@ -151,18 +168,7 @@ def initialize_single_process(seed: int = 1234) -> None:
     the seeds are reset.
     """
     apply_cpu_patches()
-    if not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(0)
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if "MASTER_PORT" in os.environ:  # a launcher's rendezvous: use it
-            dist.init_process_group(backend, rank=0, world_size=1)
-        else:
-            # An explicit address instead of setting MASTER_ADDR/MASTER_PORT in os.environ: those
-            # would leak into every child process (train.py run by a test), whose own world-of-one
-            # init would then try to bind the port this process still holds (EADDRINUSE).
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
-                                    rank=0, world_size=1)
+    _init_process_group()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
     torch.manual_seed(seed)
@@ -373,18 +379,9 @@ def initialize_distributed(tensor_parallel_size: int, seed: int) -> None:
     seeds; on CPU also the CUDA-as-CPU shims. Data parallelism takes the remaining ranks."""
     apply_cpu_patches()
     enter_cpu_device_mode()
-    if not dist.is_initialized():
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            if world > 1:
-                raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is unset: launch with torchrun")
-            os.environ["MASTER_PORT"] = str(_free_port())
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                                rank=rank, world_size=world)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "MASTER_PORT" not in os.environ:
+        raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is unset: launch with torchrun")
+    _init_process_group()
     if dist.get_world_size() % tensor_parallel_size:
         raise ValueError(f"world size {dist.get_world_size()} is not a multiple of "
                          f"parallel.tensor_model_parallel_size ({tensor_parallel_size})")
@@ -426,11 +423,6 @@ def rename_sharded_keys(sharded_state_dict: dict, old_prefix: str, new_prefix: s
     from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 
     replace_prefix_for_sharding(sharded_state_dict, old_prefix, new_prefix)
-
-
-def checkpoint_save_kwargs() -> dict:
-    """Synchronous torch_dist saves (the async writer process is not worth it at this scale)."""
-    return {}
 
 
 _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}

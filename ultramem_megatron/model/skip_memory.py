@@ -42,12 +42,22 @@ class SkipMemoryMLP(MegatronModule):
     """FFN of one block, plus the start or the end of a memory span."""
 
     def __init__(self, config: TransformerConfig, submodules: SkipMemorySubmodules, bus: MemoryBus,
-                 starts_span: Optional[int] = None, ends_span: Optional[int] = None):
+                 starts_span: Optional[int] = None, ends_span: Optional[int] = None,
+                 pg_collection=None, is_mtp_layer: bool = False, name: Optional[str] = None):
+        # pg_collection / is_mtp_layer / name: what TransformerLayer passes its mlp on
+        # megatron-core >= 0.18 (0.16/0.17 pass only config); handed on to the wrapped FFN.
         super().__init__(config)
-        self.ffn = megatron_compat.build_ffn(submodules.ffn, config)
+        self.ffn = megatron_compat.build_ffn(submodules.ffn, config, pg_collection=pg_collection,
+                                             is_mtp_layer=is_mtp_layer,
+                                             name=f"{name}.ffn" if name is not None else None)
         self.memory = build_module(submodules.memory, config=config) if submodules.memory else None
         self.bus = bus
         self.starts_span, self.ends_span = starts_span, ends_span
+
+    def set_layer_number(self, layer_number: int) -> None:
+        """TransformerLayer numbers its mlp when it can; pass it on (MoE logs per layer)."""
+        if hasattr(self.ffn, "set_layer_number"):
+            self.ffn.set_layer_number(layer_number)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
                            metadata: Optional[dict] = None) -> dict:

@@ -112,7 +112,7 @@ class Checkpointer:
             partial.mkdir(parents=True)
         _barrier()
         dist_checkpointing.save(self._sharded_state(model, optimizer, scheduler, state),
-                                str(partial), **megatron_compat.checkpoint_save_kwargs())
+                                str(partial))
         _barrier()
         if _rank() == 0:
             shutil.rmtree(final, ignore_errors=True)
