@@ -254,6 +254,15 @@ def _spec_submodules(spec):
     return spec.submodules
 
 
+def _drop_unknown_mlp_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Unknown MLP type")
+
+
+# megatron-core 0.16/0.17 log "Unknown MLP type ... Using default kwargs" for every block whose FFN
+# SkipMemoryMLP wraps; expected (build_ffn passes the kwargs itself), so not shown.
+logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_drop_unknown_mlp_warning)
+
+
 def _layer_calls_mlp_builder() -> bool:
     """megatron-core >= 0.18 (checked on 0.18.0 and 0.19.2): TransformerLayer builds its FFN as
     `submodules.mlp(config=, pg_collection=, is_mtp_layer=, name=)`, and the GPT specs give the FFN
