@@ -23,6 +23,13 @@ def test_overrides_use_the_configs_dotted_names_and_yaml_types():
     assert run.model.ultramem.topk == 8 and run.train.run_dir == "runs/x"
 
 
+@pytest.mark.parametrize("family", ["dense", "moe", "pkm", "ultramem"])
+def test_one_override_switches_family(family):
+    run = load_config(ROOT / "configs/tiny.yaml", [f"model.family={family}"])
+    assert run.model.family == family
+    assert bool(run.model.active_spans()) == (family in ("pkm", "ultramem"))
+
+
 def test_yaml_keeps_spans_as_strings_and_reads_exponents_as_floats():
     assert parse_yaml("a: 1:2\nb: 3e-3\nc: 12\nd: 2:5/6:9") == {
         "a": "1:2", "b": 0.003, "c": 12, "d": "2:5/6:9"}
@@ -37,8 +44,8 @@ def test_yaml_keeps_spans_as_strings_and_reads_exponents_as_floats():
     (["model.memory_spans=1:3/2:3"], "overlap"),
     (["model.memory_spans=1:9"], "num_layers"),
     (["model.memory_spans=a:b"], "integers"),
-    (["model.family=pkm"], "model.pkm section is missing"),
-    (["model.family=dense"], "memory_spans is set"),
+    (["model.family=pkm", "model.pkm=null"], "model.pkm section is missing"),
+    (["model.family=pkm", "model.memory_spans="], "needs model.memory_spans"),
     (["model.ultramem.expansion=8"], "perfect square"),
     (["model.hidden_size=130"], "divisible by model.num_attention_heads"),
     (["train.global_batch_size=12"], "multiple of train.micro_batch_size"),

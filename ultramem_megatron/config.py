@@ -47,11 +47,18 @@ class ModelConfig:
     memory_spans: str = ""                     # "i:j/i:j": block i's FFN input -> after block j
     ultramem: Optional[UltraMemConfig] = None
     pkm: Optional[PKMConfig] = None
-    moe: Optional[MoEConfig] = None
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property
     def ffn_size(self) -> int:
         return self.ffn_hidden_size or 4 * self.hidden_size
+
+    def active_spans(self) -> list[tuple[int, int]]:
+        """The memory spans this family uses: memory_spans for pkm / ultramem, none otherwise
+        (so one file can hold every family's sections and model.family picks)."""
+        if self.family not in ("pkm", "ultramem"):
+            return []
+        return parse_spans(self.memory_spans, self.num_layers)
 
 
 @dataclass(frozen=True)
@@ -291,14 +298,13 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"train.exit_after_steps must be >= 0, got {train.exit_after_steps}")
     if not 0.0 <= train.warmup_fraction < 1.0:
         raise ConfigError("train.warmup_fraction must be in [0, 1)")
-    spans = parse_spans(model.memory_spans, model.num_layers)
-    needs = {"ultramem": "ultramem", "pkm": "pkm", "moe": "moe"}.get(model.family)
+    spans = parse_spans(model.memory_spans, model.num_layers)  # validated whatever the family
+    needs = {"ultramem": "ultramem", "pkm": "pkm"}.get(model.family)
     if needs and getattr(model, needs) is None:
         raise ConfigError(f"model.family is {model.family!r} but the model.{needs} section is missing")
     if model.family in ("ultramem", "pkm") and not spans:
         raise ConfigError(f"model.family {model.family!r} needs model.memory_spans, e.g. '1:2'")
-    if model.family in ("dense", "moe") and spans:
-        raise ConfigError(f"model.memory_spans is set but model.family is {model.family!r}")
+    spans = model.active_spans()
     if model.family == "ultramem":
         model.ultramem.resolved_value_dim(model.hidden_size)
     if spans and parallel.sequence_parallel:

@@ -8,7 +8,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from .. import megatron_compat
-from ..config import ModelConfig, parse_spans
+from ..config import ModelConfig
 from ..memory import ProductKeyMemory, UltraMemLayer
 from .skip_memory import MemoryBus, SkipMemoryMLP, SkipMemorySubmodules
 
@@ -26,7 +26,7 @@ def decoder_block_spec(model: ModelConfig, config: TransformerConfig,
     use_te = megatron_compat.transformer_engine_available()
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
                                        normalization=config.normalization)
-    spans = parse_spans(model.memory_spans, model.num_layers)
+    spans = model.active_spans()
     if not spans:
         return block
     starts = {start: k for k, (start, _) in enumerate(spans)}

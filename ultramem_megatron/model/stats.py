@@ -45,7 +45,7 @@ FLOPs: forward FLOPs per token, 2 per multiply-accumulate.
 import math
 from dataclasses import dataclass
 
-from ..config import ModelConfig, parse_spans
+from ..config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ def model_stats(model: ModelConfig) -> ModelStats:
     embedding_active = vocab * hidden + hidden * (2 if learned else 1)
 
     memory = _Part()
-    spans = parse_spans(model.memory_spans, layers)
+    spans = model.active_spans()
     if model.family in ("ultramem", "pkm") and spans:
         one = _ultramem(model) if model.family == "ultramem" else _pkm(model)
         memory = _Part(*(len(spans) * x for x in (one.total, one.activated, one.matmul, one.other)))
