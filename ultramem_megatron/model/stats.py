@@ -195,9 +195,3 @@ def fmt(n: float) -> str:
     """1234567 -> '1.235M'."""
     exponent = min(int(math.log10(max(abs(n), 1)) // 3), 7)
     return f"{n / 10 ** (3 * exponent):.3f}{' KMGTPEZ'[exponent].strip()}"
-
-
-def describe(stats: ModelStats) -> str:
-    return (f"total params {fmt(stats.total_params)} | activated params "
-            f"{fmt(stats.activated_params)} | forward FLOPs/token {fmt(stats.forward_flops)} "
-            f"(matmul {fmt(stats.matmul_flops)}) | training FLOPs/token {fmt(stats.flops_per_token)}")
