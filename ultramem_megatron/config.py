@@ -81,9 +81,23 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
+    """Data parallelism takes the ranks left after TP (and, for UltraMem, P divides it)."""
+
     tensor_model_parallel_size: int = 1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = True
+    memory_parallel_size: int = 1         # P: data-parallel ranks that shard each value table
+    memory_parallel_mode: Literal["value_dim", "row"] = "value_dim"
+    overlap_memory_comm: bool = True      # leave the last exchange in flight until the span's end
+
+    def world_size_error(self, world_size: int) -> Optional[str]:
+        """Why this layout cannot run on world_size processes (None when it can)."""
+        shards = self.tensor_model_parallel_size * self.memory_parallel_size
+        if world_size % shards:
+            return (f"the world size ({world_size}) must be a multiple of "
+                    f"parallel.tensor_model_parallel_size x parallel.memory_parallel_size "
+                    f"({self.tensor_model_parallel_size} x {self.memory_parallel_size})")
+        return None
 
 
 @dataclass(frozen=True)
@@ -271,6 +285,21 @@ def parse_spans(spans: str, num_layers: int) -> list[tuple[int, int]]:
     return parsed
 
 
+def _validate_memory_parallel(model: ModelConfig, parallel: ParallelConfig) -> None:
+    from .parallel.layout import layout_error  # the sharding rule lives with the sharded module
+
+    memory = model.ultramem
+    error = layout_error(parallel.memory_parallel_mode, memory.num_values,
+                         memory.resolved_value_dim(model.hidden_size),
+                         parallel.tensor_model_parallel_size, parallel.memory_parallel_size)
+    if error:
+        raise ConfigError(f"parallel.memory_parallel_mode / memory_parallel_size / "
+                          f"tensor_model_parallel_size: {error}")
+    if parallel.sequence_parallel and memory.query_conv_kernel > 0:
+        raise ConfigError("model.ultramem.query_conv_kernel > 0 with parallel.sequence_parallel: "
+                          "the causal convolution would need the previous rank's tokens")
+
+
 def validate(config: RunConfig) -> None:
     """Cross-field checks, run before anything is built."""
     model, train, parallel = config.model, config.train, config.parallel
@@ -282,7 +311,8 @@ def validate(config: RunConfig) -> None:
                 "train.max_steps": train.max_steps, "train.log_interval": train.log_interval,
                 "train.eval_interval": train.eval_interval, "train.eval_iters": train.eval_iters,
                 "train.save_interval": train.save_interval, "train.keep_last": train.keep_last,
-                "parallel.tensor_model_parallel_size": parallel.tensor_model_parallel_size}
+                "parallel.tensor_model_parallel_size": parallel.tensor_model_parallel_size,
+                "parallel.memory_parallel_size": parallel.memory_parallel_size}
     for name, value in positive.items():
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
@@ -306,10 +336,13 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"model.family {model.family!r} needs model.memory_spans, e.g. '1:2'")
     spans = model.active_spans()
     if model.family == "ultramem":
-        model.ultramem.resolved_value_dim(model.hidden_size)
-    if spans and parallel.sequence_parallel:
-        raise ConfigError("parallel.sequence_parallel with memory layers is not supported yet: "
-                          "their parameters would see different tokens on each TP rank")
+        _validate_memory_parallel(model, parallel)
+    elif parallel.memory_parallel_size > 1:
+        raise ConfigError(f"parallel.memory_parallel_size > 1 shards UltraMem value tables; "
+                          f"model.family is {model.family!r}")
+    if model.family == "pkm" and parallel.sequence_parallel:
+        raise ConfigError("parallel.sequence_parallel is not supported with the pkm family: its "
+                          "BatchNorm query needs every token of the sequence")
     if model.family == "moe" and not 1 <= model.moe.topk <= model.moe.num_experts:
         raise ConfigError("model.moe.topk must be in [1, model.moe.num_experts]")
     if len(config.data.split.split(",")) != 3:

@@ -383,19 +383,23 @@ def device() -> torch.device:
         else torch.device("cpu")
 
 
-def initialize_distributed(tensor_parallel_size: int, seed: int) -> None:
+def initialize_distributed(tensor_parallel_size: int, seed: int, memory_parallel_size: int = 1
+                           ) -> None:
     """Process group from torchrun's environment (or a world of one), megatron parallel state,
-    seeds; on CPU also the CUDA-as-CPU shims. Data parallelism takes the remaining ranks."""
+    seeds; on CPU also the CUDA-as-CPU shims. Data parallelism takes the remaining ranks; the
+    memory-parallel group is megatron's expert-parallel group (carved from data-parallel ranks
+    with the same TP rank), so its value shards are reduced over the expert-data-parallel group."""
     apply_cpu_patches()
     enter_cpu_device_mode()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "MASTER_PORT" not in os.environ:
         raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is unset: launch with torchrun")
     _init_process_group()
-    if dist.get_world_size() % tensor_parallel_size:
-        raise ValueError(f"world size {dist.get_world_size()} is not a multiple of "
-                         f"parallel.tensor_model_parallel_size ({tensor_parallel_size})")
+    if dist.get_world_size() % (tensor_parallel_size * memory_parallel_size):
+        raise ValueError(f"world size {dist.get_world_size()} is not a multiple of TP x memory-"
+                         f"parallel size ({tensor_parallel_size} x {memory_parallel_size})")
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size,
+                                                 expert_model_parallel_size=memory_parallel_size)
     random_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(random_seed)
     np.random.seed(random_seed)

@@ -4,9 +4,12 @@
 #   s  sequence    b  micro-batch    t = s*b tokens    D  hidden size
 #   k  retrieved items per token (H*m)                 c  Tucker cores
 
+from typing import Callable, Optional
+
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
@@ -40,18 +43,28 @@ class UltraMemLayer(MegatronModule):
     query (optional causal conv) -> TDQKR two-phase top-m -> implicit value expansion -> Linear.
     The caller adds the output to the residual stream after block j (skip-layer) and the aux loss
     to the training loss, and calls refresh_rank1() once per optimizer step.
+
+    `values` is the value module's spec: the single-device ImplicitValueExpansion by default, a
+    sharded one (ultramem_megatron.parallel) in a parallel model. Under sequence parallelism the
+    query side runs on this rank's tokens only, so its parameters are marked `sequence_parallel`
+    (megatron sums their gradients over the tensor-parallel group).
     """
 
-    def __init__(self, config: TransformerConfig, memory: UltraMemConfig):
+    def __init__(self, config: TransformerConfig, memory: UltraMemConfig,
+                 values: Optional[ModuleSpec] = None):
         super().__init__(config)
         hidden, dtype = config.hidden_size, config.params_dtype
         self.memory = memory
         self.query_conv = (CausalDepthwiseConv(hidden, memory.query_conv_kernel, dtype)
                            if memory.query_conv_kernel > 0 else None)
         self.retrieval = TuckerRetrieval(memory, hidden, dtype)
-        self.values = ImplicitValueExpansion(
-            memory.num_values, memory.resolved_value_dim(hidden), memory.expansion, hidden,
-            memory.shuffle_seed, dtype)
+        if config.sequence_parallel:
+            for param in self.parameters():
+                param.sequence_parallel = True
+        value_args = (memory.num_values, memory.resolved_value_dim(hidden), memory.expansion,
+                      hidden, memory.shuffle_seed, dtype)
+        self.values = (build_module(values, *value_args) if values is not None
+                       else ImplicitValueExpansion(*value_args))
         mark_value_param(self.values.values)
         self.reset_parameters()
 
@@ -69,9 +82,15 @@ class UltraMemLayer(MegatronModule):
     def reset_rows_hit(self) -> None:
         self.values.rows_hit.zero_()
 
-    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def start(self, hidden: torch.Tensor) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+        """hidden [s, b, D] -> a function returning (output [s, b, D], aux loss). Retrieval runs
+        now; a sharded value module may leave its communication in flight until the call."""
         seq, batch, width = hidden.shape
         query_input = self.query_conv(hidden) if self.query_conv is not None else hidden
         virtual_idx, core_scores = self.retrieval(query_input.reshape(seq * batch, width))
-        out = self.values(virtual_idx, core_scores)  # [t, D]
-        return out.view(seq, batch, width), self.retrieval.aux_loss()
+        pending = self.values.dispatch(virtual_idx, core_scores)  # -> [t, D]
+        aux_loss = self.retrieval.aux_loss()
+        return lambda: (pending().view(seq, batch, width), aux_loss)
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.start(hidden)()

@@ -1,44 +1,72 @@
-"""The lookup-and-pool op: gather value rows, scale each core's chunk by its score, sum into E groups."""
+"""The lookup-and-pool op: gather value rows, scale each core's chunk by its score, sum into bags."""
 
 # Axis legend
 #   t  tokens (flattened sequence x batch)     k  retrieved items per token (H*m)
-#   n  physical value rows (N)                 e  virtual-expansion groups (E)
-#   c  Tucker cores (h); value chunk c is scaled by core c's score
-#   d  value width D_v = c * chunk
+#   i  items in any order (one row read each)  b  bags (output rows; a bag sums some items)
+#   n  value rows held here                    e  virtual-expansion groups (E)
+#   c  Tucker cores (h); value chunk c (of width d/c) is scaled by core c's score
+#   d  full value width D_v                    w  the columns held here (a slice of d)
+#   q  pieces: the held columns cut where a core's chunk ends, so each piece has one core
+
+import math
 
 import torch
 import torch.nn.functional as F
 
 
+def core_pieces(value_dim: int, num_cores: int, col_start: int, width: int
+                ) -> tuple[int, list[int]]:
+    """Cut columns [col_start, col_start + width) of a value_dim-wide table into equal pieces
+    that each lie inside one core's chunk -> (piece width, core of each piece)."""
+    if value_dim % num_cores:
+        raise ValueError(f"value width {value_dim} is not divisible by the number of cores "
+                         f"{num_cores}")
+    chunk = value_dim // num_cores
+    if not (0 <= col_start and width >= 1 and col_start + width <= value_dim):
+        raise ValueError(f"columns [{col_start}, {col_start + width}) are not inside a "
+                         f"{value_dim}-wide value table")
+    piece = math.gcd(width, chunk, col_start)
+    return piece, [(col_start + j * piece) // chunk for j in range(width // piece)]
+
+
+def pool_bags(table: torch.Tensor, rows: torch.Tensor, bags: torch.Tensor, scores: torch.Tensor,
+              num_bags: int, col_start: int = 0, value_dim: int | None = None) -> torch.Tensor:
+    """out[b, col] = sum over items i with bags[i] == b of scores[i, core(col)] * table[rows[i], col].
+
+    table [n, w] holds columns [col_start, col_start + w) of a [*, value_dim] value table (all of
+    it by default); rows, bags [i] (integer); scores [i, c] -> out [num_bags, w]; empty bags are 0.
+
+    Reference path: one ``embedding_bag`` over the table seen as [n*q, w/q], one bag per
+    (bag, piece). It never materializes the [i, w] gathered rows; autograd gives the dense table
+    gradient and the score gradient.
+    """
+    num_rows, width = table.shape
+    piece, piece_core = core_pieces(value_dim or width, scores.shape[-1], col_start, width)
+    pieces = len(piece_core)
+    piece_index = torch.arange(pieces, device=rows.device)
+    table_row = (rows.long().unsqueeze(-1) * pieces + piece_index).flatten()       # [i*q]
+    bag_piece = (bags.long().unsqueeze(-1) * pieces + piece_index).flatten()       # [i*q]
+    weight = scores[:, torch.tensor(piece_core, device=scores.device)].flatten()   # [i*q]
+    # Bags must be contiguous in embedding_bag's input: sort the (item, piece) pairs by bag.
+    order = bag_piece.argsort(stable=True)
+    counts = torch.bincount(bag_piece, minlength=num_bags * pieces)
+    offsets = counts.cumsum(0) - counts
+    pooled = F.embedding_bag(table_row[order], table.reshape(num_rows * pieces, piece), offsets,
+                             mode="sum", per_sample_weights=weight[order])
+    return pooled.view(num_bags, width)
+
+
 def lookup_pool(values: torch.Tensor, rows: torch.Tensor, groups: torch.Tensor,
-                scores: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """pooled[t, g, chunk c] = sum over items k of token t with groups[t, k] == g of
-    scores[t, k, c] * values[rows[t, k], chunk c].
+                scores: torch.Tensor, num_groups: int, col_start: int = 0,
+                value_dim: int | None = None) -> torch.Tensor:
+    """pooled[t, g, col] = sum over items k of token t with groups[t, k] == g of
+    scores[t, k, core(col)] * values[rows[t, k], col].
 
-    values [n, d]; rows, groups [t, k] (integer); scores [t, k, c] -> pooled [t, e, d].
-
-    Reference path: one ``embedding_bag`` over the value table seen as [n*c, d/c], one bag per
-    (token, group, core). It never materializes the [t, k, d] gathered rows; autograd gives the
-    dense value gradient and the score gradient.
+    values [n, w] (columns [col_start, col_start + w) of the table, all of it by default);
+    rows, groups [t, k] (integer); scores [t, k, c] -> pooled [t, e, w].
     """
     tokens, items, cores = scores.shape
-    num_rows, width = values.shape
-    if width % cores:
-        raise ValueError(f"value width {width} is not divisible by the number of cores {cores}")
-    chunk = width // cores
-    core = torch.arange(cores, device=rows.device)
-    # Every (item, core) pair becomes one weighted row of the [n*c, chunk] table.
-    table_row = (rows.long().unsqueeze(-1) * cores + core).reshape(tokens, items * cores)
-    bag_in_token = (groups.long().unsqueeze(-1) * cores + core).reshape(tokens, items * cores)
-    weight = scores.reshape(tokens, items * cores)
-    # Bags must be contiguous in the input: sort each token's pairs by (group, core).
-    order = bag_in_token.argsort(dim=1, stable=True)
-    table_row = table_row.gather(1, order)
-    weight = weight.gather(1, order)
-    bags_per_token = num_groups * cores
-    counts = torch.zeros(tokens, bags_per_token, dtype=torch.long, device=rows.device)
-    counts.scatter_add_(1, bag_in_token, torch.ones_like(bag_in_token))
-    offsets = counts.flatten().cumsum(0) - counts.flatten()
-    pooled = F.embedding_bag(table_row.flatten(), values.reshape(num_rows * cores, chunk),
-                             offsets, mode="sum", per_sample_weights=weight.flatten())
-    return pooled.view(tokens, num_groups, width)  # [t, e, d]
+    bags = torch.arange(tokens, device=rows.device).unsqueeze(-1) * num_groups + groups.long()
+    pooled = pool_bags(values, rows.reshape(-1), bags.reshape(-1), scores.reshape(-1, cores),
+                       tokens * num_groups, col_start, value_dim)
+    return pooled.view(tokens, num_groups, values.shape[1])  # [t, e, w]

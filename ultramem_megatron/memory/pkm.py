@@ -4,6 +4,8 @@
 #   s  sequence    b  micro-batch    t = s*b tokens    D  hidden size (= value width)
 #   h  heads       n  sub-keys per half    k  top-k    q  half query width (d_q / 2)
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
@@ -64,6 +66,11 @@ class ProductKeyMemory(MegatronModule):
 
     def reset_rows_hit(self) -> None:
         self.rows_hit_mask.zero_()
+
+    def start(self, hidden: torch.Tensor) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+        """The skip-layer interface UltraMemLayer has: all work now, the result when called."""
+        result = self(hidden)
+        return lambda: result
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         seq, batch, width = hidden.shape

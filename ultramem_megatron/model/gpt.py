@@ -56,11 +56,11 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
 class MemoryGPT(GPTModel):
     """GPTModel whose decoder may hold skip-layer memories; forward is GPTModel's."""
 
-    def __init__(self, model: ModelConfig, config: TransformerConfig):
+    def __init__(self, model: ModelConfig, parallel: ParallelConfig, config: TransformerConfig):
         self.memory_bus = MemoryBus()  # plain attribute, shared with the wrapped FFNs
         super().__init__(
             config=config,
-            transformer_layer_spec=decoder_block_spec(model, config, self.memory_bus),
+            transformer_layer_spec=decoder_block_spec(model, parallel, config, self.memory_bus),
             vocab_size=model.vocab_size,
             max_sequence_length=model.seq_length,
             position_embedding_type=model.position_embedding,
@@ -102,4 +102,4 @@ class MemoryGPT(GPTModel):
 
 def build_model(model: ModelConfig, parallel: ParallelConfig,
                 dtype: torch.dtype = torch.float32) -> MemoryGPT:
-    return MemoryGPT(model, transformer_config(model, parallel, dtype))
+    return MemoryGPT(model, parallel, transformer_config(model, parallel, dtype))

@@ -4,10 +4,11 @@
 # to the residual stream (megatron's bias-dropout-add). SkipMemoryMLP wraps a layer's FFN (dense
 # MLP or MoE): in block i it also runs memory k on that same input and parks the result; in block
 # j it adds the parked result to the FFN output, so it reaches the residual stream at the end of
-# block j. Blocks i+1..j never wait on the memory result (room for overlap on GPU).
+# block j. The memory starts in block i and finishes in block j (UltraMemLayer.start), so a sharded
+# value table's communication is in flight while blocks i+1..j compute.
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from megatron.core.transformer.module import MegatronModule
@@ -21,7 +22,7 @@ class MemoryBus:
     """Per-forward hand-off between a span's first and last block, plus the aux losses."""
 
     def __init__(self) -> None:
-        self.pending: dict[int, torch.Tensor] = {}
+        self.pending: dict[int, Callable[[], tuple[torch.Tensor, torch.Tensor]]] = {}
         self.aux_losses: list[torch.Tensor] = []
 
     def reset(self) -> None:
@@ -74,9 +75,9 @@ class SkipMemoryMLP(MegatronModule):
         """hidden [s, b, D] (pre-FFN normed) -> (FFN output [+ memory output], bias)."""
         out, bias = self.ffn(hidden, **kwargs)
         if self.memory is not None:
-            memory_out, aux_loss = self.memory(hidden)
-            self.bus.pending[self.starts_span] = memory_out
-            self.bus.aux_losses.append(aux_loss)
+            self.bus.pending[self.starts_span] = self.memory.start(hidden)
         if self.ends_span is not None:
-            out = out + self.bus.pending.pop(self.ends_span)
+            memory_out, aux_loss = self.bus.pending.pop(self.ends_span)()
+            self.bus.aux_losses.append(aux_loss)
+            out = out + memory_out
         return out, bias

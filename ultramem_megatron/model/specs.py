@@ -8,18 +8,25 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from .. import megatron_compat
-from ..config import ModelConfig
+from ..config import ModelConfig, ParallelConfig
 from ..memory import ProductKeyMemory, UltraMemLayer
+from ..parallel.sharded_values import ShardedValueExpansion
 from .skip_memory import MemoryBus, SkipMemoryMLP, SkipMemorySubmodules
 
 
-def memory_spec(model: ModelConfig) -> ModuleSpec:
+def memory_spec(model: ModelConfig, parallel: ParallelConfig, config: TransformerConfig
+                ) -> ModuleSpec:
+    """UltraMem with its value table sharded by the parallel layout (one shard when there is no
+    TP or memory parallelism), or PKM (replicated)."""
     if model.family == "ultramem":
-        return ModuleSpec(module=UltraMemLayer, params={"memory": model.ultramem})
+        values = ModuleSpec(module=ShardedValueExpansion, params={
+            "mode": parallel.memory_parallel_mode, "overlap": parallel.overlap_memory_comm,
+            "sequence_parallel": config.sequence_parallel})
+        return ModuleSpec(module=UltraMemLayer, params={"memory": model.ultramem, "values": values})
     return ModuleSpec(module=ProductKeyMemory, params={"pkm": model.pkm})
 
 
-def decoder_block_spec(model: ModelConfig, config: TransformerConfig,
+def decoder_block_spec(model: ModelConfig, parallel: ParallelConfig, config: TransformerConfig,
                        bus: MemoryBus) -> TransformerBlockSubmodules:
     """megatron's own GPT block spec (local, or Transformer Engine when installed; MoE layers when
     config.num_moe_experts is set), with the FFN of each span's first and last block wrapped."""
@@ -42,7 +49,7 @@ def decoder_block_spec(model: ModelConfig, config: TransformerConfig,
                 module=SkipMemoryMLP,
                 submodules=SkipMemorySubmodules(
                     ffn=layer.submodules.mlp,
-                    memory=memory_spec(model) if index in starts else None),
+                    memory=memory_spec(model, parallel, config) if index in starts else None),
                 params={"bus": bus, "starts_span": starts.get(index), "ends_span": ends.get(index)})
         layer_specs.append(layer)
     return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=block.layer_norm)

@@ -1,6 +1,7 @@
 """The training loop: megatron's forward/backward schedule, optimizer step, (u, t) refresh, eval,
 metrics and checkpoints."""
 
+import os
 import time
 from functools import partial
 from typing import Iterator, Optional
@@ -61,7 +62,11 @@ class Trainer:
         train = run.train
         if train.threads:
             torch.set_num_threads(train.threads)
-        megatron_compat.initialize_distributed(run.parallel.tensor_model_parallel_size, train.seed)
+        world_error = run.parallel.world_size_error(int(os.environ.get("WORLD_SIZE", "1")))
+        if world_error:
+            raise ConfigError(world_error)
+        megatron_compat.initialize_distributed(run.parallel.tensor_model_parallel_size, train.seed,
+                                               run.parallel.memory_parallel_size)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         if train.global_batch_size % (train.micro_batch_size * self.dp_size):
