@@ -246,6 +246,48 @@ def unfuse_pre_mlp_norm(layer_spec) -> None:
         if not key.startswith("pre_mlp_layernorm.")}
 
 
+class SequenceParallelTorchNorm:
+    """megatron's WrappedTorchNorm (torch LayerNorm / RMSNorm, the local spec's norm) without its
+    refusal of sequence parallelism: the parameters are marked `sequence_parallel`, so
+    finalize_model_grads sums their gradients over the TP group, as Transformer Engine's norms do."""
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_):
+        norm_class = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
+        norm = norm_class(hidden_size, eps=eps, dtype=config.params_dtype)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def use_sequence_parallel_norms(block_spec) -> None:
+    """Swap the local spec's torch norms for SequenceParallelTorchNorm, in place, everywhere in a
+    decoder block spec (the layers' norms and the final one)."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    def swap(spec) -> None:
+        if isinstance(spec, functools.partial):
+            spec = spec.keywords.get("submodules")
+        submodules = getattr(spec, "submodules", spec)
+        if not dataclasses.is_dataclass(submodules):
+            return
+        for field in dataclasses.fields(submodules):
+            value = getattr(submodules, field.name)
+            if value is WrappedTorchNorm:
+                setattr(submodules, field.name, SequenceParallelTorchNorm)
+            elif isinstance(value, ModuleSpec) and value.module is WrappedTorchNorm:
+                value.module = SequenceParallelTorchNorm
+            elif isinstance(value, (ModuleSpec, functools.partial)) or dataclasses.is_dataclass(value):
+                swap(value)
+
+    for layer in block_spec.layer_specs:
+        swap(layer)
+    if block_spec.layer_norm is WrappedTorchNorm:
+        block_spec.layer_norm = SequenceParallelTorchNorm
+    elif isinstance(block_spec.layer_norm, ModuleSpec) and block_spec.layer_norm.module is WrappedTorchNorm:
+        block_spec.layer_norm.module = SequenceParallelTorchNorm
+
+
 def _spec_submodules(spec):
     """The submodules of an FFN spec: a ModuleSpec's field, or (megatron-core >= 0.18) the
     `submodules=` keyword of the functools.partial builders its GPT specs return."""

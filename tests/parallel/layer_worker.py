@@ -18,7 +18,8 @@ from ultramem_megatron.parallel.sharded_values import ShardedValueExpansion
 
 HIDDEN, SEQ, BATCH, TOL = 16, 8, 4, 1e-5
 MEMORY = UltraMemConfig(num_keys=4, key_dim=8, topk=3, phase1_topk=4, value_dim=24, num_heads=2,
-                        num_cores=3, expansion=4)   # N = 16 rows; 3 cores: shards cross chunks
+                        num_cores=3, expansion=4, aux_loss_weight=1.0, aux_loss_margin=0.0)
+# N = 16 rows; 3 cores, so shards cross core chunks; a Tucker aux loss that matters
 LAYOUTS = {  # world size -> (TP, P, mode, sequence parallel, overlap)
     2: [(1, 1, "value_dim", False, True), (2, 1, "value_dim", False, True),
         (2, 1, "value_dim", True, True), (1, 2, "value_dim", False, True),
@@ -58,11 +59,12 @@ def check_layout(tp: int, mp: int, mode: str, sp: bool, overlap: bool) -> dict:
     seq = slice(tp_rank * SEQ // tp, (tp_rank + 1) * SEQ // tp) if sp else slice(None)
 
     ref_in = hidden.clone().requires_grad_(True)
-    ref_out, _ = reference(ref_in)
-    (ref_out * probe).sum().backward()
+    ref_out, ref_aux = reference(ref_in)
+    ((ref_out * probe).sum() + ref_aux).backward()
     local_in = hidden[seq, batch].clone().requires_grad_(True)
-    out, _ = layer(local_in)
-    (out * probe[seq, batch]).sum().backward()
+    out, aux = layer(local_in)
+    # Gradients are summed over data-parallel ranks below (as DDP does), each adding 1/DP of aux.
+    ((out * probe[seq, batch]).sum() + aux / dp_size).backward()
 
     def summed(grad: torch.Tensor, *groups) -> torch.Tensor:
         grad = grad.clone()
@@ -80,6 +82,7 @@ def check_layout(tp: int, mp: int, mode: str, sp: bool, overlap: bool) -> dict:
         "init_out_proj": max_error(layer.values.out_proj.weight,
                                    reference.values.out_proj.weight[..., proj]),
         "output": max_error(out, ref_out[seq, batch]),
+        "aux_loss": max_error(aux, ref_aux),
         "input_grad": max_error(local_in.grad, ref_in.grad[seq, batch]),
         "values_grad": max_error(summed(layer.values.values.grad,
                                         ps.get_expert_data_parallel_group()),

@@ -90,6 +90,11 @@ class UltraMemLayer(MegatronModule):
         virtual_idx, core_scores = self.retrieval(query_input.reshape(seq * batch, width))
         pending = self.values.dispatch(virtual_idx, core_scores)  # -> [t, D]
         aux_loss = self.retrieval.aux_loss()
+        if self.config.sequence_parallel:
+            # The aux loss depends on the cores alone, so every TP rank has its full gradient;
+            # megatron sums sequence-parallel gradients over TP: send 1/TP of it from each rank.
+            tp = self.config.tensor_model_parallel_size
+            aux_loss = aux_loss.detach() + (aux_loss - aux_loss.detach()) / tp
         return lambda: (pending().view(seq, batch, width), aux_loss)
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,6 +33,8 @@ def decoder_block_spec(model: ModelConfig, parallel: ParallelConfig, config: Tra
     use_te = megatron_compat.transformer_engine_available()
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
                                        normalization=config.normalization)
+    if config.sequence_parallel and not use_te:
+        megatron_compat.use_sequence_parallel_norms(block)
     spans = model.active_spans()
     if not spans:
         return block

@@ -36,7 +36,9 @@ def _loss_func(model: MemoryGPT, loss_mask: torch.Tensor, output: torch.Tensor):
     lm_loss = (output.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1)
     aux = model.memory_aux_loss()
     total = lm_loss if aux is None else lm_loss + aux.float()
-    return total, {"lm_loss": lm_loss.detach(),
+    # Clones: megatron's schedule divides the returned loss by the number of micro-batches in
+    # place, and without a memory aux loss `total` is `lm_loss` itself.
+    return total, {"lm_loss": lm_loss.detach().clone(),
                    "aux_loss": aux.detach().float() if aux is not None else torch.zeros(())}
 
 
