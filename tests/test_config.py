@@ -53,6 +53,17 @@ def test_yaml_keeps_spans_as_strings_and_reads_exponents_as_floats():
     (["data.blend=[{prefix: a, weight: 0}]"], "weight must be positive"),
     (["data.split=90,10"], "data.split"),
     (["train"], "key.sub=value"),
+    (["parallel.memory_parallel_size=3"], r"D_v = 64 .* must be divisible by 3"),
+    (["parallel.memory_parallel_size=4", "parallel.tensor_model_parallel_size=32"],
+     r"D_v = 64 over TP x P = 32 x 4"),
+    (["parallel.memory_parallel_mode=row", "parallel.memory_parallel_size=3"],
+     r"N = 1024 value rows over P = 3"),
+    (["parallel.memory_parallel_mode=columns"], "parallel.memory_parallel_mode"),
+    (["parallel.memory_parallel_size=0"], "parallel.memory_parallel_size must be >= 1"),
+    (["model.family=dense", "parallel.memory_parallel_size=2"], "shards UltraMem value tables"),
+    (["model.family=pkm", "parallel.sequence_parallel=true"], "pkm family"),
+    (["parallel.sequence_parallel=true", "model.ultramem.query_conv_kernel=4"],
+     "query_conv_kernel"),
 ])
 def test_bad_config_names_the_problem(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -77,7 +88,15 @@ def test_train_py_refuses_bad_config_before_building_anything():
     assert "Traceback" not in result.stderr
 
 
+def test_world_size_must_hold_the_parallel_layout():
+    run = load_config(ROOT / "configs/tiny.yaml", ["parallel.tensor_model_parallel_size=2",
+                                                   "parallel.memory_parallel_size=2"])
+    assert run.parallel.world_size_error(8) is None
+    assert "world size (6) must be a multiple of" in run.parallel.world_size_error(6)
+
+
 @pytest.mark.parametrize("overrides,message", [
+    (["parallel.memory_parallel_size=2"], r"error: the world size \(1\) must be a multiple"),
     (["data.blend=[{prefix: data/built/none, source: data/none/*.jsonl}]"],
      r"error: data.blend\[0\]: data/built/none.bin/.idx do not exist, and no JSON-lines file"),
     (["data.blend=[{prefix: data/built/none}]"], "no source to prepare them from"),
