@@ -56,11 +56,12 @@ def reference(tmp_path_factory) -> dict[int, float]:
 
 
 @pytest.mark.parametrize("processes, layout", [
+    (2, (2, 1, "value_dim", False)),    # tensor-style
     (2, (2, 1, "value_dim", True)),     # tensor-style, with sequence parallelism
     (2, (1, 2, "value_dim", False)),    # expert-style, value-dimension shards
     (2, (1, 2, "row", False)),          # expert-style, row shards
     (4, (2, 2, "row", True)),
-], ids=["tp2-sp", "p2-value", "p2-row", "tp2-p2-row-sp"])
+], ids=["tp2", "tp2-sp", "p2-value", "p2-row", "tp2-p2-row-sp"])
 def test_layout_reproduces_single_process_trace(reference, tmp_path, processes, layout):
     train(tmp_path, *STEPS, "train.exit_after_steps=5", *parallel(*layout),
           python=torchrun(processes), env={"OMP_NUM_THREADS": "1"})
