@@ -1,6 +1,12 @@
-"""Break the memory layer on purpose, in a scratch copy, and show which tests catch each break."""
+"""Break the memory layer on purpose, in a scratch copy, and show which tests catch each break.
+
+    python scripts/check_mutations.py [--only memory|parallel]
+
+Single-device mutations run tests/memory (about 40 s each); parallel ones run the torchrun tests
+that should catch them (about 1 minute each)."""
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -9,7 +15,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# name -> (file, exact text to replace, replacement). Each mimics a bug seen in the wild.
+MEMORY_TESTS = ["tests/memory"]
+LAYER_TESTS = ["tests/parallel/test_sharded_layer.py"]
+TRAINING_TESTS = ["tests/parallel/test_parallel_training.py", "-k", "p2-value"]
+
+# name -> (file, exact text to replace, replacement[, tests]). Each mimics a bug seen in the wild
+# or one easy to write; tests default to MEMORY_TESTS.
 MUTATIONS = {
     "scatter overwrites instead of adding (lucidrains ultra-mem)": (
         "ultramem_megatron/memory/lookup.py",
@@ -40,8 +51,8 @@ MUTATIONS = {
     ),
     "every core scales the whole value (no multi-core chunks)": (
         "ultramem_megatron/memory/lookup.py",
-        "    weight = scores.reshape(tokens, items * cores)",
-        "    weight = scores.sum(-1, keepdim=True).expand(-1, -1, cores).reshape(tokens, items * cores)",
+        "    weight = scores[:, torch.tensor(piece_core, device=scores.device)].flatten()",
+        "    weight = scores.sum(-1, keepdim=True).expand(-1, pieces).flatten()",
     ),
     "physical row taken as slot // N (swapped with group)": (
         "ultramem_megatron/memory/values.py",
@@ -53,11 +64,36 @@ MUTATIONS = {
         "singular[:, 1:] - margin",
         "singular - margin",
     ),
+    "TP ranks do not sum the scores' gradient (each sees its columns only)": (
+        "ultramem_megatron/parallel/sharded_values.py",
+        "scores = copy_to_tensor_model_parallel_region(scores)",
+        "scores = scores",
+        LAYER_TESTS,
+    ),
+    "value_dim: received column blocks reassembled in the wrong order": (
+        "ultramem_megatron/parallel/sharded_values.py",
+        ".permute(1, 2, 0, 3)",
+        ".permute(1, 2, 3, 0)",
+        LAYER_TESTS,
+    ),
+    "row mode: owners mix up bags of different senders": (
+        "ultramem_megatron/parallel/sharded_values.py",
+        "local_in[:, 1] + first_bag_of_sender[sender]",
+        "local_in[:, 1]",
+        LAYER_TESTS,
+    ),
+    "value shards reduced as dense parameters (over all of data parallel)": (
+        "ultramem_megatron/parallel/sharded_values.py",
+        "        self.values.allreduce = False\n",
+        "",
+        TRAINING_TESTS,
+    ),
 }
 
 
-def run_mutation(name: str, tests: str) -> tuple[int, str]:
-    path, old, new = MUTATIONS[name]
+def run_mutation(name: str) -> tuple[int, str]:
+    path, old, new, *tests = MUTATIONS[name]
+    tests = tests[0] if tests else MEMORY_TESTS
     with tempfile.TemporaryDirectory() as scratch:
         copy = Path(scratch) / "repo"
         shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "__pycache__"))
@@ -66,23 +102,27 @@ def run_mutation(name: str, tests: str) -> tuple[int, str]:
             raise SystemExit(f"mutation {name!r}: anchor text not found in {path}; update this script")
         (copy / path).write_text(source.replace(old, new, 1))
         result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:warnings", "-p",
-                                 "no:cacheprovider", tests], cwd=copy, capture_output=True, text=True)
+                                 "no:cacheprovider", *tests], cwd=copy, capture_output=True,
+                                text=True, env={**os.environ, "PYTHONPATH": str(copy)})
     failed = [line.split(" - ")[0].removeprefix("FAILED ")
               for line in result.stdout.splitlines() if line.startswith("FAILED")]
     return result.returncode, "\n".join(f"      {t}" for t in failed)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--tests", default="tests/memory")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=["memory", "parallel"])
     args = parser.parse_args()
+    names = [name for name, spec in MUTATIONS.items()
+             if args.only is None or (len(spec) > 3) == (args.only == "parallel")]
     survivors = 0
-    for name in MUTATIONS:
-        code, failed = run_mutation(name, args.tests)
+    for name in names:
+        code, failed = run_mutation(name)
         caught = code != 0
         survivors += not caught
         print(f"{'CAUGHT  ' if caught else 'SURVIVED'} {name}\n{failed}")
-    print(f"\n{len(MUTATIONS) - survivors}/{len(MUTATIONS)} mutations caught")
+    print(f"\n{len(names) - survivors}/{len(names)} mutations caught")
     sys.exit(1 if survivors else 0)
 
 

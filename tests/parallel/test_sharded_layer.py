@@ -22,7 +22,7 @@ def test_sharded_layer_matches_single_device(world, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node", str(world), "tests/parallel/layer_worker.py", str(tmp_path)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env=subprocess_env(OMP_NUM_THREADS="1"))
+                            env=subprocess_env(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
     assert result.returncode == 0, result.stderr[-4000:]
     for rank in range(world):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
