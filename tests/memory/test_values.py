@@ -92,3 +92,17 @@ def test_lookup_pool_rejects_value_width_not_divisible_by_cores():
     with pytest.raises(ValueError, match="not divisible"):
         lookup_pool(torch.randn(N, 7), torch.zeros(1, 2, dtype=torch.long),
                     torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, 2), 1)
+
+
+@pytest.mark.parametrize("col_start, width", [(0, 24), (0, 12), (12, 12), (6, 6), (4, 8), (18, 6),
+                                              (2, 2)])
+def test_pooling_a_column_slice_equals_that_slice_of_the_whole(col_start, width):
+    """What a value-dimension shard computes: 3 cores of 8 columns; slices cross chunk edges."""
+    values = torch.randn(N, 24, dtype=torch.float64, requires_grad=True)
+    rows = torch.randint(0, N, (5, 9))
+    groups = torch.randint(0, 4, (5, 9))
+    scores = torch.randn(5, 9, 3, dtype=torch.float64)
+    whole = lookup_pool(values, rows, groups, scores, 4)
+    cols = slice(col_start, col_start + width)
+    part = lookup_pool(values[:, cols], rows, groups, scores, 4, col_start=col_start, value_dim=24)
+    torch.testing.assert_close(part, whole[..., cols])

@@ -23,7 +23,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.tensor_parallel import (copy_to_tensor_model_parallel_region,
                                            gather_from_sequence_parallel_region,
                                            reduce_from_tensor_model_parallel_region,
-                                           reduce_scatter_to_sequence_parallel_region)
+                                           reduce_scatter_to_sequence_parallel_region,
+                                           set_tensor_model_parallel_attributes)
 
 from ..memory.lookup import lookup_pool, pool_bags
 from ..memory.values import ImplicitValueExpansion
@@ -47,11 +48,10 @@ class ShardedValueExpansion(ImplicitValueExpansion):
                          device, table_slice=layout.table_slice(num_values, value_dim))
         self.layout, self.overlap = layout, overlap
         self.values.allreduce = False
-        # Every rank's slice is distinct: each counts in the gradient norm (megatron's test).
-        self.values.tensor_model_parallel = True
-        self.out_proj.weight.tensor_model_parallel = True
-        self.out_proj.weight.partition_dim = 2
-        self.out_proj.weight.partition_stride = 1
+        # Every TP rank's slice is distinct (so each counts in the gradient norm): the values and
+        # the projection are split along their D_v axis over TP.
+        set_tensor_model_parallel_attributes(self.values, True, 1, 1)
+        set_tensor_model_parallel_attributes(self.out_proj.weight, True, 2, 1)
 
     # ------------------------------------------------------------------------------ forward
 
