@@ -98,7 +98,7 @@ def test_world_size_must_hold_the_parallel_layout():
 @pytest.mark.parametrize("overrides,message", [
     (["parallel.memory_parallel_size=2"], r"error: the world size \(1\) must be a multiple"),
     (["data.blend=[{prefix: data/built/none, source: data/none/*.jsonl}]"],
-     r"error: data.blend\[0\]: data/built/none.bin/.idx do not exist, and no JSON-lines file"),
+     r"error: data.blend\[0\]: data/built/none.bin/.idx do not exist, and no file matches"),
     (["data.blend=[{prefix: data/built/none}]"], "no source to prepare them from"),
     (["data.tokenizer=./no/such/tokenizer"], "no such directory"),
 ])

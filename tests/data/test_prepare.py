@@ -7,7 +7,7 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from ultramem_megatron.config import BlendEntry, DataConfig
-from ultramem_megatron.data import prepare
+from ultramem_megatron.data import writer
 from ultramem_megatron.data.prepare import (DataPrepError, ensure_prepared, is_prepared,
                                             prepare_jsonl)
 
@@ -77,7 +77,7 @@ def test_globs_lists_and_a_large_vocab_in_int32(tmp_path):
 
 
 def test_a_failed_run_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare, "BATCH_DOCUMENTS", 1)
+    monkeypatch.setattr(writer, "BATCH_DOCUMENTS", 1)
     source = write_jsonl(tmp_path / "docs.jsonl", [{"text": "abc"}] * 3)
     prefix = str(tmp_path / "out" / "docs")
     with pytest.raises(RuntimeError, match="tokenizer died"):
@@ -97,7 +97,7 @@ def test_no_usable_document_or_no_file_is_an_error(tmp_path, tiny):
     with pytest.raises(DataPrepError, match="no usable document"):
         prepare_jsonl(str(source), str(tmp_path / "out"), tiny)
     assert not is_prepared(str(tmp_path / "out"))
-    with pytest.raises(DataPrepError, match="no JSON-lines file matches"):
+    with pytest.raises(DataPrepError, match="no file matches"):
         prepare_jsonl(str(tmp_path / "none*.jsonl"), str(tmp_path / "out"), tiny)
 
 
@@ -123,7 +123,7 @@ def test_ensure_prepared_errors_name_the_entry(tmp_path, tiny, neox):
     bad_glob = DataConfig(blend=[BlendEntry(prefix=str(tmp_path / "x"),
                                             source=str(tmp_path / "missing*.jsonl"))])
     with pytest.raises(DataPrepError, match=r"data.blend\[0\]: .*x.bin/.idx do not exist, and no "
-                                            "JSON-lines file matches"):
+                                            "file matches"):
         ensure_prepared(bad_glob, tiny)
     assert not is_prepared(str(tmp_path / "ok"))   # errors are raised before anything is built
 

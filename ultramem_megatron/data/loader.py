@@ -12,7 +12,7 @@ import torch.distributed as dist
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-from .prepare import DataPrepError, idx_path, is_prepared
+from .writer import DataPrepError, idx_path, is_prepared
 from .tokenizer import HFTokenizer
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
