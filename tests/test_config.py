@@ -49,8 +49,12 @@ def test_yaml_keeps_spans_as_strings_and_reads_exponents_as_floats():
     (["model.ultramem.expansion=8"], "perfect square"),
     (["model.hidden_size=130"], "divisible by model.num_attention_heads"),
     (["train.global_batch_size=12"], "multiple of train.micro_batch_size"),
-    (["data.blend=[]"], "data.blend is empty"),
-    (["data.blend=[{prefix: a, weight: 0}]"], "weight must be positive"),
+    (["data.corpus=null"], "data.blend is empty"),
+    (["data.corpus=null", "data.blend=[{prefix: a, weight: 0}]"], "weight must be positive"),
+    (["data.blend=[{prefix: a}]"], "data.corpus and data.blend are both set"),
+    (["data.subset_weights={}"], "data.corpus needs data.subset_weights"),
+    (["data.subset_weights={books: -1}"], "data.subset_weights.books must be positive"),
+    (["data.subset_weights=[1]"], "data.subset_weights: expected a mapping"),
     (["data.split=90,10"], "data.split"),
     (["train"], "key.sub=value"),
     (["parallel.memory_parallel_size=3"], r"D_v = 64 .* must be divisible by 3"),
@@ -97,9 +101,11 @@ def test_world_size_must_hold_the_parallel_layout():
 
 @pytest.mark.parametrize("overrides,message", [
     (["parallel.memory_parallel_size=2"], r"error: the world size \(1\) must be a multiple"),
-    (["data.blend=[{prefix: data/built/none, source: data/none/*.jsonl}]"],
+    (["data.corpus=null", "data.blend=[{prefix: data/built/none, source: data/none/*.jsonl}]"],
      r"error: data.blend\[0\]: data/built/none.bin/.idx do not exist, and no file matches"),
-    (["data.blend=[{prefix: data/built/none}]"], "no source to prepare them from"),
+    (["data.corpus=null", "data.blend=[{prefix: data/built/none}]"],
+     "no source to prepare them from"),
+    (["data.corpus=data/built/nowhere"], "data.corpus data/built/nowhere: no manifest.json"),
     (["data.tokenizer=./no/such/tokenizer"], "no such directory"),
 ])
 def test_train_py_names_missing_files(tmp_path, overrides, message):

@@ -77,6 +77,15 @@ class DataConfig:
         BlendEntry(prefix="data/built/fixture", source="data/fixture/*.jsonl")])
     split: str = "95,5,0"                             # train, valid, test weights
     cache_dir: str = "data/built/cache"               # megatron's dataset index cache
+    corpus: Optional[str] = None                      # a prepare_data.py --output-dir; replaces blend
+    subset_weights: dict[str, float] = field(default_factory=dict)   # corpus subset -> weight
+
+    def entries(self) -> list[BlendEntry]:
+        """What to train on: the corpus's subsets by subset_weights, or the blend."""
+        if self.corpus is None:
+            return list(self.blend)
+        return [BlendEntry(prefix=f"{self.corpus.rstrip('/')}/{subset}", weight=weight)
+                for subset, weight in self.subset_weights.items()]
 
 
 @dataclass(frozen=True)
@@ -206,6 +215,12 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if item_type is Any:
             return value
         return [_coerce(item, item_type, f"{path}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        key_type, item_type = typing.get_args(tp)
+        return {_coerce(k, key_type, path): _coerce(v, item_type, f"{path}.{k}")
+                for k, v in value.items()}
     raise ConfigError(f"{path}: unsupported type {_type_name(tp)}")
 
 
@@ -347,8 +362,18 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("model.moe.topk must be in [1, model.moe.num_experts]")
     if len(config.data.split.split(",")) != 3:
         raise ConfigError(f"data.split must be 'train,valid,test' weights, got {config.data.split!r}")
-    if not config.data.blend:
-        raise ConfigError("data.blend is empty: list at least one {prefix, weight, source}")
+    data = config.data
+    if data.corpus is not None and data.blend:
+        raise ConfigError("data.corpus and data.blend are both set: train on one (data.blend=[] "
+                          "to use the corpus, data.corpus=null to use the blend)")
+    if data.corpus is not None and not data.subset_weights:
+        raise ConfigError("data.corpus needs data.subset_weights, e.g. {books: 1.0, docs: 1.0}")
+    for subset, weight in data.subset_weights.items():
+        if not weight > 0:
+            raise ConfigError(f"data.subset_weights.{subset} must be positive, got {weight}")
+    if data.corpus is None and not data.blend:
+        raise ConfigError("data.blend is empty: list at least one {prefix, weight, source}, "
+                          "or set data.corpus and data.subset_weights")
     for i, entry in enumerate(config.data.blend):
         if entry.weight <= 0:
             raise ConfigError(f"data.blend[{i}].weight must be positive, got {entry.weight}")

@@ -13,7 +13,10 @@ ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["model.hidden_size=64", "model.num_attention_heads=4", "model.ffn_hidden_size=128",
          "model.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=4",
          "train.log_interval=1", "train.eval_interval=1000", "train.save_interval=1000",
-         "train.threads=1"]
+         "train.threads=1",
+         # the committed fixture, not the default corpus `make data` fetches
+         "data.corpus=null", "data.subset_weights={}",
+         'data.blend=[{prefix: data/built/fixture, source: "data/fixture/*.jsonl"}]']
 
 
 def train(run_dir: Path, *overrides: str, check: bool = True, python: list[str] | None = None,

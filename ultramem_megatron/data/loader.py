@@ -48,13 +48,15 @@ def build_datasets(data_cfg, tokenizer: HFTokenizer, *, seq_length: int, seed: i
     if not dist.is_initialized():
         raise RuntimeError("build_datasets needs torch.distributed initialized (one process: "
                            "megatron_compat.initialize_single_process(seed))")
-    prefixes = [entry.prefix for entry in data_cfg.blend]
+    entries = data_cfg.entries()
+    prefixes = [entry.prefix for entry in entries]
     for i, prefix in enumerate(prefixes):
         if not is_prepared(prefix):
-            raise DataPrepError(f"data.blend[{i}]: {prefix}.bin/.idx do not exist; run "
+            where = f"data.blend[{i}]" if data_cfg.corpus is None else f"data.corpus {data_cfg.corpus}"
+            raise DataPrepError(f"{where}: {prefix}.bin/.idx do not exist; run "
                                 "scripts/prepare_data.py or prepare.ensure_prepared first")
     # one prefix: a plain GPTDataset (megatron would wrap a weighted one in a BlendedDataset)
-    weights = [entry.weight for entry in data_cfg.blend] if len(prefixes) > 1 else None
+    weights = [entry.weight for entry in entries] if len(prefixes) > 1 else None
     config = GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length,
         blend=(prefixes, weights), split=data_cfg.split,

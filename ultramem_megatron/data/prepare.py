@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 from .sources import SourceError, expand_sources, read_shard
@@ -66,6 +67,22 @@ def _check_tokenizer(prefix: str, tokenizer: HFTokenizer, where: str) -> None:
                             f"{prefix}.bin/.idx to rebuild it")
 
 
+def _check_corpus(data_cfg, tokenizer: HFTokenizer) -> None:
+    """data.corpus is built by scripts/prepare_data.py (`make data`): check it, build nothing."""
+    manifest_path = Path(data_cfg.corpus) / "manifest.json"
+    if not manifest_path.is_file():
+        raise DataPrepError(f"data.corpus {data_cfg.corpus}: no manifest.json; build the corpus "
+                            "first (`make data`, or scripts/prepare_data.py --output-dir)")
+    manifest = json.loads(manifest_path.read_text())
+    for entry, subset in zip(data_cfg.entries(), data_cfg.subset_weights):
+        if subset not in manifest["subsets"] or not is_prepared(entry.prefix):
+            raise DataPrepError(f"data.subset_weights.{subset}: no such subset in "
+                                f"{data_cfg.corpus} (it has {sorted(manifest['subsets'])})")
+    if manifest.get("tokenizer_fingerprint") != tokenizer.fingerprint:
+        raise DataPrepError(f"data.corpus {data_cfg.corpus} was tokenized with "
+                            f"{manifest.get('tokenizer')!r}, not {tokenizer.name_or_path!r}")
+
+
 def ensure_prepared(data_cfg, tokenizer: HFTokenizer) -> list[PrepareStats]:
     """Prepare every data.blend entry whose prefix .bin/.idx is missing, from its source.
 
@@ -73,6 +90,9 @@ def ensure_prepared(data_cfg, tokenizer: HFTokenizer) -> list[PrepareStats]:
     rank-aware: under torch.distributed call it on rank 0 only, then barrier. Returns the stats
     of what was prepared (empty when nothing was missing).
     """
+    if data_cfg.corpus is not None:
+        _check_corpus(data_cfg, tokenizer)
+        return []
     missing = []
     for i, entry in enumerate(data_cfg.blend):
         where = f"data.blend[{i}]"

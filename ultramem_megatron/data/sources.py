@@ -4,6 +4,7 @@ either yields its text or is counted under a skip reason."""
 from __future__ import annotations
 
 import glob
+import hashlib
 import gzip
 import io
 import json
@@ -52,7 +53,8 @@ def expand_sources(sources: str | Sequence[str]) -> list[Shard]:
         for path in matched:
             if not path.endswith(FILE_SUFFIXES):
                 raise SourceError(f"{path}: unknown format (expected one of {FILE_SUFFIXES})")
-            shards.append(Shard(_safe_name(os.path.relpath(path)), path))
+            tag = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8]
+            shards.append(Shard(f"{_safe_name(Path(path).name)}-{tag}", path))
     return shards
 
 

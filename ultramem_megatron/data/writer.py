@@ -92,12 +92,13 @@ def _pieces(ids: list[int], eod: int, limit: int, long_documents: str
 
 def write_documents(texts: Iterable[str], prefix: str, tokenizer, stats: DocumentStats,
                     options: WriteOptions = WriteOptions(),
-                    sidecar: Optional[dict] = None) -> None:
+                    sidecar: Optional[dict] = None, allow_empty: bool = False) -> None:
     """Tokenize texts into prefix.bin/.idx (uint16 when the vocab fits, else int32).
 
     Written under a temporary name; `sidecar` (if given), with the final stats added, is written
     as prefix.meta.json; then .bin, sidecar and .idx are renamed into place, the .idx last, so a
-    killed run never leaves a prefix that looks complete. DataPrepError when no document is usable.
+    killed run never leaves a prefix that looks complete. DataPrepError when no document is usable,
+    unless allow_empty (a pipeline shard whose records were all skipped).
     """
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{prefix}.tmp{os.getpid()}"
@@ -120,7 +121,7 @@ def write_documents(texts: Iterable[str], prefix: str, tokenizer, stats: Documen
                 stats.tokens += sum(piece.size for piece in pieces)
                 stats.bytes += len(text.encode("utf-8"))
         builder.finalize(str(idx_path(tmp)))
-        if stats.documents == 0:
+        if stats.documents == 0 and not allow_empty:
             skipped = ", ".join(f"{n} {r}" for r, n in sorted(stats.skipped.items())) or "none"
             raise DataPrepError(f"{prefix}: no usable document (skipped: {skipped}), nothing "
                                 "to train on")
