@@ -75,7 +75,8 @@ def copy_inputs(patterns: list[str], repeat: int, into: Path) -> list[str]:
 
 
 def megatron_texts(path: str):
-    """The texts of a JSON-lines file (.gz too), skipping what the pipeline skips for it."""
+    """The texts of a JSON-lines file (.gz too); blank lines and records without a non-blank
+    "text" string are skipped, as the pipeline skips them (malformed JSON raises here)."""
     with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as lines:
         for line in lines:
             record = json.loads(line) if line.strip() else None
@@ -144,13 +145,16 @@ def main() -> int:
     parser.add_argument("--input", nargs="+", default=["data/fixture/*.jsonl"],
                         help="JSON-lines glob(s), .gz allowed (default data/fixture/*.jsonl)")
     parser.add_argument("--repeat", type=int, help="copies of each input file (default 4)")
-    parser.add_argument("--max-workers", type=int,
-                        help=f"pipeline rows for 1..N workers (default os.cpu_count()={os.cpu_count()})")
+    parser.add_argument("--max-workers", type=int, help="pipeline rows for 1..N workers "
+                        f"(default os.cpu_count(), here {os.cpu_count()})")
     parser.add_argument("--tokenizer", default="data/tokenizers/gpt-neox-20b")
     parser.add_argument("--quick", action="store_true", help="1 repeat, max 2 workers")
     args = parser.parse_args()
-    repeat = args.repeat or (1 if args.quick else 4)
-    max_workers = args.max_workers or (2 if args.quick else os.cpu_count() or 1)
+    repeat = args.repeat if args.repeat is not None else 1 if args.quick else 4
+    max_workers = (args.max_workers if args.max_workers is not None
+                   else 2 if args.quick else os.cpu_count() or 1)
+    if repeat < 1 or max_workers < 1:
+        parser.error("--repeat and --max-workers must be >= 1")
     # library "huggingface": megatron-core's HuggingFaceTokenizer (AutoTokenizer underneath),
     # loaded from the local directory, so offline; its tokenize() is one document per call.
     transformers_logging.set_verbosity_error()   # documents over model_max_length are fine here

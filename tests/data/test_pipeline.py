@@ -143,3 +143,42 @@ def test_subset_weights_are_followed_within_one_percent(process_group, tmp_path,
         counts[int(words.min()) // 100] += 1
     for count, weight in zip(counts, weights.values()):
         assert abs(count / 10_000 - weight) < 0.01, counts
+
+
+def test_hugging_face_streams_one_schema_and_refuse_mixed_ones(tmp_path, tiny, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    same, mixed = tmp_path / "same", tmp_path / "mixed"
+    same.mkdir(), mixed.mkdir()
+    write_jsonl(same / "a.jsonl", GOOD[:4])
+    write_jsonl(same / "b.jsonl", GOOD[4:])
+    manifest = run_pipeline({"book": [f"hf:{same}"]}, tmp_path / "out", tiny, progress=False)
+    assert manifest["subsets"]["book"]["documents"] == 6
+    assert len(manifest["subsets"]["book"]["shards"]) == 2      # one per stream shard (file)
+    write_jsonl(mixed / "a.jsonl", [{"text": "x y", "meta": {"a": 1}}])
+    write_jsonl(mixed / "b.jsonl", [{"text": "x y", "meta": {"b": "s", "c": [1]}}])
+    with pytest.raises(DataPrepError, match="meta. schemas differ"):
+        run_pipeline({"web": [f"hf:{mixed}"]}, tmp_path / "out2", tiny, progress=False)
+
+
+def test_a_sentencepiece_model_tokenizes_in_workers(tmp_path):
+    import sentencepiece
+
+    from ultramem_megatron.data.tokenizer import load_tokenizer
+
+    texts = [json.loads(line)["text"] for line in
+             (REPO / "data" / "fixture" / "kjv.jsonl").read_text().splitlines()[:40]]
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_prefix=str(tmp_path / "sp"), vocab_size=400,
+        model_type="bpe", eos_id=1, pad_id=3, bos_id=-1, unk_id=0, byte_fallback=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False)   # lossless
+    tokenizer = load_tokenizer(str(tmp_path / "sp.model"))
+    write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in texts[:20]])
+    write_jsonl(tmp_path / "b.jsonl", [{"text": t} for t in texts[20:]])
+    manifest = run_pipeline({"kjv": [str(tmp_path / "*.jsonl")]}, tmp_path / "out", tokenizer,
+                            workers=2, progress=False)
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    data = IndexedDataset(str(tmp_path / "out" / "kjv"))
+    assert len(data) == manifest["subsets"]["kjv"]["documents"] == 40
+    assert tokenizer.detokenize(data[5][:-1].tolist()) == texts[5] and data[5][-1] == tokenizer.eod

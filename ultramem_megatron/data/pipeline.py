@@ -15,7 +15,7 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 from typing import Optional
 
@@ -140,7 +140,9 @@ def _run_tasks(pending: list, tokenizer, workers: int, options: WriteOptions, re
             except (SourceError, DataPrepError) as err:
                 failures.append(f"  {subset}/{shard.name}: {err}")
     else:
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
+        # fork: a spawned worker would re-import megatron-core and transformers (~10 s each)
+        context = get_context("fork" if "fork" in get_all_start_methods() else "spawn")
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                                  initargs=(tokenizer.name_or_path,)) as pool:
             futures = {pool.submit(tokenize_shard, shard, prefix, options): (subset, shard, prefix)
                        for subset, shard, prefix in pending}

@@ -159,8 +159,13 @@ def _hf_records(shard: Shard, text_key: str) -> Iterator[tuple[Optional[str], Op
     stream = _hf_stream(shard.path)
     if shard.hf_shards and shard.hf_shards > 1:
         stream = stream.shard(num_shards=shard.hf_shards, index=shard.hf_shard)
-    for record in stream:
-        yield classify(record, text_key)
+    try:
+        for record in stream:
+            yield classify(record, text_key)
+    except Exception as err:  # datasets' cast / generation errors have no common base class
+        raise SourceError(f"{shard.path} (stream shard {shard.hf_shard}): reading failed: {err}. "
+                          "Files whose `meta` schemas differ cannot share one stream: give each "
+                          "subset its own hf:NAME:SUBSET, or list local files as a glob") from err
 
 
 def read_shard(shard: Shard, text_key: str = "text") -> Iterator[tuple[Optional[str], Optional[str]]]:

@@ -56,15 +56,52 @@ class HFTokenizer:
                 f"pad={self.pad})")
 
 
+class SentencePieceTokenizer:
+    """A sentencepiece model file (.model) with the interface HFTokenizer has."""
+
+    def __init__(self, path: str) -> None:
+        import sentencepiece
+
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(Path(path).expanduser()))
+        except (OSError, RuntimeError) as err:
+            raise TokenizerError(f"sentencepiece model {path!r} could not be loaded: {err}") from err
+        self.name_or_path = path
+        if self._sp.eos_id() < 0:
+            raise TokenizerError(f"sentencepiece model {path!r} has no eos piece to end documents "
+                                 "with (train it with eos_id >= 0)")
+        self.eod: int = self._sp.eos_id()
+        pad = self._sp.pad_id()
+        self.pad: int = pad if pad >= 0 and pad != self.eod else NO_PAD
+        self.vocab_size: int = self._sp.get_piece_size()
+        self.fingerprint: str = hashlib.sha256(self._sp.serialized_model_proto()).hexdigest()[:16]
+        self.unique_identifiers = OrderedDict(
+            [("class", type(self).__name__), ("tokenizer_path", [path]),
+             ("vocab_size", self.vocab_size), ("eod", self.eod), ("pad", self.pad),
+             ("fingerprint", self.fingerprint)])
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._sp.encode(list(texts))
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._sp.decode(list(ids))
+
+
 def _looks_like_path(name_or_path: str) -> bool:
     return name_or_path.startswith((".", "/", "~")) or name_or_path.endswith("/")
 
 
-def load_tokenizer(name_or_path: str) -> HFTokenizer:
-    """A local tokenizer directory (offline) or a Hugging Face hub name, via AutoTokenizer."""
+def load_tokenizer(name_or_path: str) -> HFTokenizer | SentencePieceTokenizer:
+    """A sentencepiece .model file, a local tokenizer directory (offline) or a Hugging Face hub
+    name (AutoTokenizer)."""
     from transformers import AutoTokenizer
 
     path = Path(name_or_path).expanduser()
+    if path.suffix == ".model" and path.is_file():
+        return SentencePieceTokenizer(name_or_path)
     local = path.exists()
     if not local and _looks_like_path(name_or_path):
         raise TokenizerError(f"tokenizer {name_or_path!r}: no such directory (the GPT-NeoX one "
