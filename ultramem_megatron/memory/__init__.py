@@ -1,12 +1,21 @@
 """Single-device memory-layer math in plain PyTorch: UltraMem (TDQKR, MCS, IVE) and PKM."""
 
 from .config import MemoryConfigError, PKMConfig, UltraMemConfig
-from .layer import UltraMemLayer
-from .lookup import lookup_pool
-from .pkm import ProductKeyMemory
 from .value_lr import is_value_param, mark_value_param, value_lr_multiplier
 
 __all__ = [
     "MemoryConfigError", "PKMConfig", "UltraMemConfig", "UltraMemLayer", "ProductKeyMemory",
     "lookup_pool", "is_value_param", "mark_value_param", "value_lr_multiplier",
 ]
+
+_LAZY = {"UltraMemLayer": ".layer", "ProductKeyMemory": ".pkm", "lookup_pool": ".lookup"}
+
+
+def __getattr__(name: str):
+    """The layers import megatron-core (seconds): loaded on first use, so reading and validating
+    a config (which needs only .config) stays fast and fails fast."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
