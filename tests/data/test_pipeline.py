@@ -66,6 +66,12 @@ def test_truncated_or_unknown_files_are_refused_with_the_file_named(tmp_path, ti
                                             r"or corrupt after \d+ lines"):
         run_pipeline({"a": [str(tmp_path / "*.json*")]}, tmp_path / "out", tiny, progress=False)
     assert len(list((tmp_path / "out" / "shards" / "a").glob("fine.jsonl-*.idx"))) == 1  # kept
+    lines = "".join(json.dumps(g) + "\n" for g in GOOD * 200).encode()
+    whole = zstandard.ZstdCompressor().compress(lines)
+    (tmp_path / "cut.jsonl.zst").write_bytes(whole[: len(whole) // 2])   # zstd would stop silently
+    with pytest.raises(DataPrepError, match=r"cut.jsonl.zst: truncated or corrupt after \d+ lines"):
+        run_pipeline({"a": [str(tmp_path / "cut.jsonl.zst")]}, tmp_path / "out3", tiny,
+                     progress=False)
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(DataPrepError, match="notes.txt: unknown format"):
         run_pipeline({"a": [str(tmp_path / "notes.txt")]}, tmp_path / "out2", tiny, progress=False)

@@ -127,7 +127,7 @@ def _run_tasks(pending: list, tokenizer, workers: int, options: WriteOptions, re
 
     def done(prefix: str, counts: dict) -> None:
         nonlocal documents, tokens
-        results[prefix] = {"shard": None, **counts}
+        results[prefix] = counts
         documents, tokens = documents + counts["documents"], tokens + counts["tokens"]
         elapsed = max(time.perf_counter() - start, 1e-9)
         bar.set_postfix(docs_per_s=f"{documents / elapsed:.0f}", tokens_per_s=f"{tokens / elapsed:.0f}")
@@ -177,15 +177,6 @@ def _manifest(out_dir: Path, plan: dict, results: dict, tokenizer, options: Writ
                                        "shards": rows}
     manifest["subsets"] = dict(sorted(manifest["subsets"].items()))
     return manifest
-
-
-def subset_prefixes(corpus_dir: str | Path) -> dict[str, str]:
-    """subset -> merged prefix, from a pipeline output directory's manifest."""
-    path = Path(corpus_dir) / "manifest.json"
-    if not path.is_file():
-        raise DataPrepError(f"{corpus_dir}: no manifest.json (build it with scripts/prepare_data.py "
-                            "or `make data`)")
-    return {name: entry["prefix"] for name, entry in json.loads(path.read_text())["subsets"].items()}
 
 
 def describe(manifest: dict) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import gzip
-import io
 import json
 import os
 import zlib
@@ -82,29 +81,55 @@ def _hf_shards(spec: str) -> list[Shard]:
 
 # ------------------------------------------------------------------------------------- reading
 
+def _zstd_bytes(path: str) -> Iterator[bytes]:
+    """Decompressed chunks of a .zst file (any number of frames); SourceError if it ends inside a
+    frame (zstandard's stream reader would just stop there, silently)."""
+    import zstandard
+
+    decompressor, ended = zstandard.ZstdDecompressor(), True
+    with open(path, "rb") as handle:
+        frame = decompressor.decompressobj()
+        while chunk := handle.read(1 << 20):
+            while chunk:
+                yield frame.decompress(chunk)
+                ended, chunk = frame.eof, frame.unused_data if frame.eof else b""
+                if ended:
+                    frame = decompressor.decompressobj()
+    if not ended:
+        raise EOFError("the file ends inside a zstd frame")
+
+
+def _split_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    pending = b""
+    for chunk in chunks:
+        *lines, pending = (pending + chunk).split(b"\n")
+        yield from lines
+    if pending:
+        yield pending
+
+
+def _file_lines(path: str) -> Iterator[bytes]:
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as handle:
+        yield from handle
+
+
 def _lines(path: str) -> Iterator[bytes]:
     """Raw lines of a (compressed) JSON-lines file; SourceError on a truncated or corrupt one."""
+    corrupt: tuple[type[BaseException], ...] = (EOFError, OSError, zlib.error)
     if path.endswith(".zst"):
         import zstandard
 
-        opened = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"),
-                                                                              closefd=True))
-    elif path.endswith(".gz"):
-        opened = gzip.open(path, "rb")
+        corrupt += (zstandard.ZstdError,)
+        lines = _split_lines(_zstd_bytes(path))
     else:
-        opened = open(path, "rb")
+        lines = _file_lines(path)
     number = 0
     try:
-        with opened as handle:
-            for number, line in enumerate(handle, 1):
-                yield line
-    except (EOFError, OSError, zlib.error) as err:
+        for number, line in enumerate(lines, 1):
+            yield line
+    except corrupt as err:
         raise SourceError(f"{path}: truncated or corrupt after {number} lines ({err}); the file "
                           "must be repaired or removed from the sources") from err
-    except Exception as err:  # zstandard.ZstdError is not an OSError
-        if type(err).__name__ == "ZstdError":
-            raise SourceError(f"{path}: corrupt zstd stream after {number} lines ({err})") from err
-        raise
 
 
 def classify(record: object, text_key: str) -> tuple[Optional[str], Optional[str]]:
