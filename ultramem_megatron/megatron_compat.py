@@ -259,33 +259,29 @@ class SequenceParallelTorchNorm:
         return norm
 
 
-def use_sequence_parallel_norms(block_spec) -> None:
+def use_sequence_parallel_norms(spec) -> None:
     """Swap the local spec's torch norms for SequenceParallelTorchNorm, in place, everywhere in a
-    decoder block spec (the layers' norms and the final one)."""
+    spec: a decoder block's layers (with their nested submodules) and its final norm."""
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-    def swap(spec) -> None:
-        if isinstance(spec, functools.partial):
-            spec = spec.keywords.get("submodules")
-        submodules = getattr(spec, "submodules", spec)
-        if not dataclasses.is_dataclass(submodules):
-            return
-        for field in dataclasses.fields(submodules):
-            value = getattr(submodules, field.name)
-            if value is WrappedTorchNorm:
-                setattr(submodules, field.name, SequenceParallelTorchNorm)
-            elif isinstance(value, ModuleSpec) and value.module is WrappedTorchNorm:
-                value.module = SequenceParallelTorchNorm
-            elif isinstance(value, (ModuleSpec, functools.partial)) or dataclasses.is_dataclass(value):
-                swap(value)
-
-    for layer in block_spec.layer_specs:
-        swap(layer)
-    if block_spec.layer_norm is WrappedTorchNorm:
-        block_spec.layer_norm = SequenceParallelTorchNorm
-    elif isinstance(block_spec.layer_norm, ModuleSpec) and block_spec.layer_norm.module is WrappedTorchNorm:
-        block_spec.layer_norm.module = SequenceParallelTorchNorm
+    if isinstance(spec, list):
+        for item in spec:
+            use_sequence_parallel_norms(item)
+        return
+    if isinstance(spec, functools.partial):
+        spec = spec.keywords.get("submodules")
+    submodules = spec.submodules if isinstance(spec, ModuleSpec) else spec
+    if not dataclasses.is_dataclass(submodules):
+        return
+    for field in dataclasses.fields(submodules):
+        value = getattr(submodules, field.name)
+        if value is WrappedTorchNorm:
+            setattr(submodules, field.name, SequenceParallelTorchNorm)
+        elif isinstance(value, ModuleSpec) and value.module is WrappedTorchNorm:
+            value.module = SequenceParallelTorchNorm
+        else:
+            use_sequence_parallel_norms(value)
 
 
 def _spec_submodules(spec):

@@ -52,7 +52,8 @@ def build_datasets(data_cfg, tokenizer: HFTokenizer, *, seq_length: int, seed: i
     prefixes = [entry.prefix for entry in entries]
     for i, prefix in enumerate(prefixes):
         if not is_prepared(prefix):
-            where = f"data.blend[{i}]" if data_cfg.corpus is None else f"data.corpus {data_cfg.corpus}"
+            where = (f"data.blend[{i}]" if data_cfg.corpus is None
+                     else f"data.corpus {data_cfg.corpus}")
             raise DataPrepError(f"{where}: {prefix}.bin/.idx do not exist; run "
                                 "scripts/prepare_data.py or prepare.ensure_prepared first")
     # one prefix: a plain GPTDataset (megatron would wrap a weighted one in a BlendedDataset)

@@ -22,7 +22,7 @@ from typing import Optional
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 from tqdm import tqdm
 
-from .sources import Shard, SourceError, expand_sources, read_shard
+from .sources import Shard, expand_sources, read_shard
 from .tokenizer import load_tokenizer
 from .writer import (DataPrepError, DocumentStats, WriteOptions, bin_path, idx_path, is_prepared,
                      meta_path, usable_texts, write_documents)
@@ -87,10 +87,7 @@ def run_pipeline(subsets: dict[str, list[str]], out_dir: str | Path, tokenizer, 
     out_dir = Path(out_dir)
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)
-    try:
-        plan = {subset: expand_sources(sources) for subset, sources in subsets.items()}
-    except SourceError as err:
-        raise DataPrepError(str(err)) from None
+    plan = {subset: expand_sources(sources) for subset, sources in subsets.items()}
     for stale in (out_dir / "shards").glob("*/*.tmp*"):   # left by a killed run
         stale.unlink()
     tasks = [(subset, shard, shard_prefix(out_dir, subset, shard))
@@ -137,7 +134,7 @@ def _run_tasks(pending: list, tokenizer, workers: int, options: WriteOptions, re
         for subset, shard, prefix in pending:
             try:
                 done(prefix, tokenize_shard(shard, prefix, options, tokenizer))
-            except (SourceError, DataPrepError) as err:
+            except DataPrepError as err:
                 failures.append(f"  {subset}/{shard.name}: {err}")
     else:
         # fork: a spawned worker would re-import megatron-core and transformers (~10 s each)
@@ -150,7 +147,7 @@ def _run_tasks(pending: list, tokenizer, workers: int, options: WriteOptions, re
                 subset, shard, prefix = futures[future]
                 try:
                     done(prefix, future.result())
-                except (SourceError, DataPrepError) as err:
+                except DataPrepError as err:
                     failures.append(f"  {subset}/{shard.name}: {err}")
     bar.close()
     return sorted(failures)

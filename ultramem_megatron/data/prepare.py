@@ -29,18 +29,14 @@ class PrepareStats(DocumentStats):
 
 
 def prepare_jsonl(sources: str | Sequence[str], prefix: str, tokenizer: HFTokenizer,
-                  text_key: str = "text", options: WriteOptions | None = None) -> PrepareStats:
+                  options: WriteOptions = WriteOptions()) -> PrepareStats:
     """Tokenize every document of the source file(s) into one prefix.bin/.idx (+ .meta.json).
 
     Any format sources.py reads (JSON lines, .gz, .zst, parquet, hf:); one document per record,
-    its text under text_key; tokenizer.eod is appended to each. For many files on many cores use
+    its text under options.text_key; tokenizer.eod is appended to each. For many files on many cores use
     pipeline.run_pipeline (one shard per file, in parallel, resumable).
     """
-    options = options or WriteOptions(text_key=text_key)
-    try:
-        shards = expand_sources(sources)
-    except SourceError as err:
-        raise DataPrepError(str(err)) from None
+    shards = expand_sources(sources)
     stats = PrepareStats(prefix=str(prefix), files=[shard.path for shard in shards])
     records = (record for shard in shards for record in read_shard(shard, options.text_key))
     try:
@@ -49,9 +45,9 @@ def prepare_jsonl(sources: str | Sequence[str], prefix: str, tokenizer: HFTokeni
                                  "tokenizer": tokenizer.name_or_path,
                                  "tokenizer_fingerprint": tokenizer.fingerprint,
                                  "text_key": options.text_key})
-    except SourceError as err:
-        raise DataPrepError(str(err)) from None
-    except DataPrepError as err:
+    except SourceError:
+        raise
+    except DataPrepError as err:   # no usable document: say what was skipped
         raise DataPrepError(f"{stats.summary()}: {err}") from None
     return stats
 

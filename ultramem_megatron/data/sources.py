@@ -19,7 +19,11 @@ FILE_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".jso
 HF_PREFIX = "hf:"   # hf:NAME[:CONFIG[:SPLIT]], streamed through `datasets`
 
 
-class SourceError(ValueError):
+class DataPrepError(ValueError):
+    """Data that cannot be prepared; the message names the file, prefix or blend entry."""
+
+
+class SourceError(DataPrepError):
     """A source that cannot be read (missing, unknown format, truncated or corrupt)."""
 
 

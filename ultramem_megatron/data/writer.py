@@ -13,11 +13,9 @@ from typing import Iterable, Iterator, Literal, Optional
 import numpy
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
+from .sources import DataPrepError
+
 BATCH_DOCUMENTS = 512   # documents tokenized per call (the fast tokenizers run a batch in parallel)
-
-
-class DataPrepError(ValueError):
-    """Data that cannot be prepared; the message names the file, prefix or blend entry."""
 
 
 @dataclass(frozen=True)
