@@ -33,19 +33,19 @@ MUTATIONS = {
         "    return pooled.scatter(1, index, weighted).view(tokens, num_groups, -1)\n",
     ),
     "softmax on the selected scores (PKM habit)": (
-        "ultramem_megatron/memory/retrieval.py",
+        "ultramem_megatron/memory/selection.py",
         "    virtual_idx = row_idx.gather",
         "    core_scores = core_scores.softmax(dim=2)\n    virtual_idx = row_idx.gather",
     ),
     "gradient through the phase-1 filter (same forward)": (
-        "ultramem_megatron/memory/retrieval.py",
+        "ultramem_megatron/memory/selection.py",
         "    virtual_idx = row_idx.gather",
         '    filt = torch.einsum("thmr,hr->thm", sel_row, u.to(sel_row.dtype)).unsqueeze(-1)\n'
         "    core_scores = core_scores * filt / filt.detach()\n"
         "    virtual_idx = row_idx.gather",
     ),
     "ranking by the first core only": (
-        "ultramem_megatron/memory/retrieval.py",
+        "ultramem_megatron/memory/selection.py",
         "cores.sum(0), col_cand)",
         "cores[0], col_cand)",
     ),

@@ -131,6 +131,7 @@ class TrainConfig:
     save_interval: int = 100
     keep_last: int = 2
     resume: bool = True
+    init_from: Optional[str] = None       # model-only start (e.g. an HF import) when run_dir has none
     tensorboard: bool = False
     wandb: bool = False
     wandb_project: str = "ultramem-megatron"
@@ -274,6 +275,36 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 
 def to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)
+
+
+# Model fields that only shape training (losses, init, regularization): a run may start from
+# weights trained with other values of these. Everything else must match the weights.
+TRAINING_ONLY_FIELDS = {
+    "dropout", "init_std", "ultramem.aux_loss_weight", "ultramem.aux_loss_margin", "ultramem.init",
+    "ultramem.value_lr_start_mult", "ultramem.value_lr_decay_fraction", "moe.aux_loss_coeff",
+    "moe.dispatcher",
+}
+
+
+def architecture_differences(ours: ModelConfig, theirs: ModelConfig) -> list[str]:
+    """'field: ours vs theirs' for each model field that changes what the weights mean."""
+    def flat(model: ModelConfig) -> dict:
+        items = {}
+        for name, value in to_dict(model).items():
+            if isinstance(value, dict):
+                items.update({f"{name}.{k}": v for k, v in value.items()})
+            else:
+                items[name] = value
+        return items
+
+    mine, other = flat(ours), flat(theirs)
+    irrelevant = {section for section in ("ultramem", "pkm", "moe") if section != ours.family}
+    if ours.position_embedding == "rope":
+        irrelevant.add("seq_length")   # RoPE has no table sized by the sequence length
+    return [f"model.{name}: {mine.get(name)!r} vs {other.get(name)!r}"
+            for name in sorted(set(mine) | set(other))
+            if name not in TRAINING_ONLY_FIELDS and name.split(".")[0] not in irrelevant
+            and mine.get(name) != other.get(name)]
 
 
 # ------------------------------------------------------------------------------ validation

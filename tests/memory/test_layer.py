@@ -8,7 +8,7 @@ from torch.func import functional_call
 
 from tests.conftest import transformer_config
 from ultramem_megatron.memory import MemoryConfigError, UltraMemConfig, UltraMemLayer, is_value_param
-from ultramem_megatron.memory.retrieval import two_phase_topk
+from ultramem_megatron.memory.selection import two_phase_topk
 
 
 def tiny_layer(dtype=torch.float32, **overrides):

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from ultramem_megatron.memory.retrieval import rank1_filter, tucker_aux_loss, two_phase_topk
+from ultramem_megatron.memory.retrieval import rank1_filter, tucker_aux_loss
+from ultramem_megatron.memory.selection import two_phase_topk
 
 TOKENS, HEADS, KEYS, RANK, CORES = 6, 2, 24, 2, 2
 

@@ -5,7 +5,8 @@ import math
 import torch
 from torch import nn
 
-from .retrieval import TuckerRetrieval, rank1_filter, two_phase_topk
+from .retrieval import TuckerRetrieval, rank1_filter
+from .selection import two_phase_topk
 from .values import ImplicitValueExpansion
 
 

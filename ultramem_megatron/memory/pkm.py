@@ -13,23 +13,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
 from .config import PKMConfig
+from .selection import product_key_topk
 from .value_lr import mark_value_param
-
-
-def product_key_topk(s_first: torch.Tensor, s_second: torch.Tensor, topk: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k of s_first[a] + s_second[b] over the n x n grid.
-
-    s_first, s_second [t, h, n] -> (value rows a * n + b [t, h, k], scores [t, h, k]).
-    Exact because the k best sums only use each half's k best entries.
-    """
-    num_keys = s_first.shape[-1]
-    first, second = s_first.topk(topk, -1), s_second.topk(topk, -1)
-    grid = first.values.unsqueeze(-1) + second.values.unsqueeze(-2)  # [t, h, k, k]
-    scores, best = grid.flatten(2).topk(topk, -1)
-    rows = (first.indices.gather(-1, best // topk) * num_keys
-            + second.indices.gather(-1, best % topk))
-    return rows, scores
 
 
 class ProductKeyMemory(MegatronModule):

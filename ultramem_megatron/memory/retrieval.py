@@ -13,39 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import UltraMemConfig
+from .selection import tucker_key_scores, two_phase_topk
 
 
 def make_norm(kind: str, width: int, dtype: torch.dtype, device=None) -> nn.Module:
     if kind == "layernorm":
         return nn.LayerNorm(width, dtype=dtype, device=device)
     return nn.RMSNorm(width, eps=1e-6, dtype=dtype, device=device)
-
-
-def two_phase_topk(s_row: torch.Tensor, s_col: torch.Tensor, cores: torch.Tensor,
-                   u: torch.Tensor, t: torch.Tensor, width: int, topk: int
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank-1 filter, then exact multi-core re-scoring of the width x width candidates.
-
-    s_row, s_col [t, h, n, r]; cores [c, h, r, s]; u, t [h, r] (the rank-1 filter of sum_c C_c).
-    Returns virtual indices a * n + b [t, h, m] and per-core raw scores [t, h, m, c] (no softmax).
-    Indices are chosen without gradient; gradients reach s_row, s_col and the cores only through
-    the scores of the finally selected (a, b) pairs.
-    """
-    num_keys, rank = s_row.shape[2], s_row.shape[3]
-    with torch.no_grad():  # phase 1: selection only
-        row_idx = torch.einsum("thar,hr->tha", s_row, u.to(s_row.dtype)).topk(width, -1).indices
-        col_idx = torch.einsum("thbr,hr->thb", s_col, t.to(s_col.dtype)).topk(width, -1).indices
-    row_cand = s_row.gather(2, row_idx.unsqueeze(-1).expand(-1, -1, -1, rank))  # [t, h, w, r]
-    col_cand = s_col.gather(2, col_idx.unsqueeze(-1).expand(-1, -1, -1, rank))  # [t, h, w, r]
-    with torch.no_grad():  # phase 2 ranking: sum_c S_c = S_row^T (sum_c C_c) S_col
-        grid = torch.einsum("thar,hrs,thbs->thab", row_cand, cores.sum(0), col_cand)
-        best = grid.flatten(2).topk(topk, -1).indices  # [t, h, m]
-        best_row, best_col = best // width, best % width
-    sel_row = row_cand.gather(2, best_row.unsqueeze(-1).expand(-1, -1, -1, rank))  # [t, h, m, r]
-    sel_col = col_cand.gather(2, best_col.unsqueeze(-1).expand(-1, -1, -1, rank))  # [t, h, m, s]
-    core_scores = torch.einsum("thmr,chrs,thms->thmc", sel_row, cores, sel_col)
-    virtual_idx = row_idx.gather(2, best_row) * num_keys + col_idx.gather(2, best_col)
-    return virtual_idx, core_scores
 
 
 def rank1_filter(cores: torch.Tensor, prev_u: torch.Tensor, prev_t: torch.Tensor
@@ -92,13 +66,8 @@ class TuckerRetrieval(nn.Module):
 
     def key_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [t, D] -> row and column scores [t, h, n, r] (one query shared by all heads)."""
-        tokens = x.shape[0]
-        heads, n, k, r = self.keys.shape[0], self.keys.shape[2], self.keys.shape[3], self.keys.shape[4]
-        query = self.query_norm(self.query_proj(x).view(tokens, 2, k))  # [t, 2, k]
-        keys = self.key_norm(self.keys.transpose(-1, -2))  # [h, 2, n, r, k], normed over k
-        s_row = query[:, 0] @ keys[:, 0].reshape(heads * n * r, k).t()
-        s_col = query[:, 1] @ keys[:, 1].reshape(heads * n * r, k).t()
-        return s_row.view(tokens, heads, n, r), s_col.view(tokens, heads, n, r)
+        query = self.query_norm(self.query_proj(x).unflatten(-1, (2, -1)))  # [t, 2, k]
+        return tucker_key_scores(query, self.key_norm(self.keys.transpose(-1, -2)))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s_row, s_col = self.key_scores(x)

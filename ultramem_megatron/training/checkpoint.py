@@ -6,6 +6,8 @@
 #   step_0000200.tmp/  a save in progress, or one killed midway: never read, removed on start
 #   latest             text: the name of the newest complete directory; replaced atomically
 #                      (write + fsync + rename) only after every rank finished writing.
+# Each step directory also holds run_config.yaml, the run's whole config, so a checkpoint is
+# self-describing (scripts/export_hf.py and train.init_from read the model section from it).
 
 import os
 import random
@@ -16,13 +18,16 @@ from typing import Optional
 
 import numpy as np
 import torch
+import yaml
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from .. import megatron_compat
+from ..config import ConfigError, RunConfig, load_config, to_dict
 
 LATEST = "latest"
+RUN_CONFIG = "run_config.yaml"
 _TMP_SUFFIX = ".tmp"
 
 
@@ -64,9 +69,10 @@ def _set_rng_state(state: dict) -> None:
 
 
 class Checkpointer:
-    def __init__(self, run_dir: str | Path, keep_last: int):
+    def __init__(self, run_dir: str | Path, keep_last: int, run: Optional[RunConfig] = None):
         self.root = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
+        self.run = run
 
     def _sharded_state(self, model, optimizer, scheduler, state: TrainState,
                        with_rng: bool = True, is_loading: bool = False) -> dict:
@@ -115,6 +121,8 @@ class Checkpointer:
                                 str(partial))
         _barrier()
         if _rank() == 0:
+            if self.run is not None:
+                write_run_config(partial, self.run)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)
             _write_atomically(self.root / LATEST, name)
@@ -142,6 +150,60 @@ class Checkpointer:
         if "rng" in loaded:
             _set_rng_state(loaded["rng"])
         return TrainState(**loaded["train_state"])
+
+
+def load_model_weights(path: Path, model) -> None:
+    """Only the model's tensors from a checkpoint (a training one or a model-only one written
+    by save_model_weights), resharded to this process's parallel layout."""
+    try:
+        loaded = dist_checkpointing.load(
+            {"model": megatron_compat.model_sharded_state_dict(model)}, str(path))
+    except Exception as err:  # dist_checkpointing raises many kinds; say which checkpoint
+        raise CheckpointError(f"cannot load the model weights of {path}: {err}") from err
+    model.load_state_dict(loaded["model"])
+
+
+def save_model_weights(path: Path, model, run: RunConfig) -> None:
+    """A model-only checkpoint (no optimizer, no step): what train.init_from starts from."""
+    if _rank() == 0:
+        if path.exists() and any(path.iterdir()):
+            raise CheckpointError(f"{path} exists and is not empty; choose a new directory")
+        path.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    dist_checkpointing.save({"model": megatron_compat.model_sharded_state_dict(model)}, str(path))
+    _barrier()
+    if _rank() == 0:
+        write_run_config(path, run)
+    _barrier()
+
+
+def write_run_config(path: Path, run: RunConfig) -> None:
+    (path / RUN_CONFIG).write_text(yaml.safe_dump(to_dict(run), sort_keys=False))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from itself, its run's checkpoints/ directory or the run directory
+    (the newest complete step of the last two)."""
+    path = Path(path)
+    for root in (path / "checkpoints", path):
+        if (root / LATEST).is_file():
+            return Checkpointer(root.parent, keep_last=1).latest()
+    if (path / "metadata.json").is_file():
+        return path
+    raise CheckpointError(f"{path} is not a checkpoint: expected a step directory (with "
+                          "metadata.json), a run directory or its checkpoints/ directory")
+
+
+def read_run_config(checkpoint: Path) -> RunConfig:
+    """The config a checkpoint was written with (its run_config.yaml)."""
+    file = checkpoint / RUN_CONFIG
+    if not file.is_file():
+        raise CheckpointError(f"{checkpoint} has no {RUN_CONFIG} (checkpoints written before it "
+                              "was saved with them): pass the run's config explicitly")
+    try:
+        return load_config(file)
+    except ConfigError as err:
+        raise CheckpointError(f"{file}: {err}") from None
 
 
 def _write_atomically(path: Path, text: str) -> None:

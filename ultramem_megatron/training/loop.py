@@ -12,13 +12,14 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from .. import megatron_compat
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig, architecture_differences
 from ..data.loader import build_datasets, dataset_sizes, iterate_batches, validation_batches
 from ..data.prepare import ensure_prepared
 from ..data.tokenizer import load_tokenizer
 from ..model import MemoryGPT, build_model
 from ..model.stats import model_stats
-from .checkpoint import Checkpointer, TrainState
+from .checkpoint import (Checkpointer, TrainState, load_model_weights, read_run_config,
+                         resolve_checkpoint)
 from .metrics import MetricsLogger, peak_flops_per_second
 from .optim import build_optimizer, is_value_group
 
@@ -56,6 +57,16 @@ def _mean_over_data_parallel(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
+def _check_init_from(run: RunConfig):
+    """train.init_from's checkpoint directory, refused before any work when its model differs."""
+    path = resolve_checkpoint(run.train.init_from)
+    differences = architecture_differences(run.model, read_run_config(path).model)
+    if differences:
+        raise ConfigError(f"train.init_from={run.train.init_from}: the weights were trained with "
+                          f"another model (this run vs the checkpoint): {'; '.join(differences)}")
+    return path
+
+
 class Trainer:
     """Builds data, model, optimizer and checkpointer for a RunConfig; run() trains."""
 
@@ -67,6 +78,7 @@ class Trainer:
         world_error = run.parallel.world_size_error(int(os.environ.get("WORLD_SIZE", "1")))
         if world_error:
             raise ConfigError(world_error)
+        init_from = _check_init_from(run) if train.init_from else None
         megatron_compat.initialize_distributed(run.parallel.tensor_model_parallel_size, train.seed,
                                                run.parallel.memory_parallel_size)
         self.dp_rank = parallel_state.get_data_parallel_rank()
@@ -95,7 +107,7 @@ class Trainer:
         self.ddp_model = megatron_compat.wrap_data_parallel(
             self.model, run.parallel.use_distributed_optimizer)
         self.optimizer, self.scheduler = build_optimizer(run, [self.ddp_model], self.dtype)
-        self.checkpointer = Checkpointer(train.run_dir, train.keep_last)
+        self.checkpointer = Checkpointer(train.run_dir, train.keep_last, run)
         self.state = TrainState()
         self.checkpointer.clean_incomplete()
         latest = self.checkpointer.latest() if train.resume else None
@@ -103,6 +115,10 @@ class Trainer:
             self.state = self.checkpointer.load(latest, self.model, self.optimizer, self.scheduler)
             if self.is_logger:
                 print(f"resumed from {latest} at step {self.state.step}", flush=True)
+        elif init_from is not None:
+            load_model_weights(init_from, self.model)
+            if self.is_logger:
+                print(f"initialized the model from {init_from}", flush=True)
         self.flops_per_token = model_stats(run.model).flops_per_token
         self.peak_flops = peak_flops_per_second(
             torch.cuda.get_device_name() if torch.cuda.is_available() else None,
