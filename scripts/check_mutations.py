@@ -1,9 +1,9 @@
 """Break the memory layer on purpose, in a scratch copy, and show which tests catch each break.
 
-    python scripts/check_mutations.py [--only memory|parallel]
+    python scripts/check_mutations.py [--only memory|parallel|export]
 
 Single-device mutations run tests/memory (about 40 s each); parallel ones run the torchrun tests
-that should catch them (about 1 minute each)."""
+that should catch them (about 1 minute each); export ones run tests/export/test_export.py."""
 
 import argparse
 import os
@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MEMORY_TESTS = ["tests/memory"]
 LAYER_TESTS = ["tests/parallel/test_sharded_layer.py"]
 TRAINING_TESTS = ["tests/parallel/test_parallel_training.py", "-k", "p2-value"]
+EXPORT_TESTS = ["tests/export/test_export.py"]
 
 # name -> (file, exact text to replace, replacement[, tests]). Each mimics a bug seen in the wild
 # or one easy to write; tests default to MEMORY_TESTS.
@@ -88,7 +89,42 @@ MUTATIONS = {
         "",
         TRAINING_TESTS,
     ),
+    "export: q and k rows swapped when splitting megatron's qkv": (
+        "ultramem_megatron/export/convert.py",
+        "per_head[:, i]",
+        "per_head[:, [1, 0, 2][i]]",
+        EXPORT_TESTS,
+    ),
+    "export: SwiGLU gate and up halves swapped": (
+        "ultramem_megatron/export/hf/modeling_ultramem.py",
+        "F.silu(self.gate_proj(x)) * up",
+        "F.silu(up) * self.gate_proj(x)",
+        EXPORT_TESTS,
+    ),
+    "export: MoE softmax over all experts before top-k (k > 1)": (
+        "ultramem_megatron/export/hf/modeling_ultramem.py",
+        "        if self.pre_softmax:",
+        "        if True:",
+        EXPORT_TESTS,
+    ),
+    "export: query-conv history dropped when decoding with the cache": (
+        "ultramem_megatron/export/hf/modeling_ultramem.py",
+        "        return past\n",
+        "        return None\n",
+        EXPORT_TESTS,
+    ),
+    "export: RoPE positions restart at 0 for each cached step": (
+        "ultramem_megatron/export/hf/modeling_ultramem.py",
+        "torch.arange(past, past + seq, device=x.device).expand",
+        "torch.arange(0, seq, device=x.device).expand",
+        EXPORT_TESTS,
+    ),
 }
+
+
+def group(spec: tuple) -> str:
+    tests = spec[3] if len(spec) > 3 else MEMORY_TESTS
+    return {id(MEMORY_TESTS): "memory", id(EXPORT_TESTS): "export"}.get(id(tests), "parallel")
 
 
 def run_mutation(name: str) -> tuple[int, str]:
@@ -112,10 +148,9 @@ def run_mutation(name: str) -> tuple[int, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["memory", "parallel"])
+    parser.add_argument("--only", choices=["memory", "parallel", "export"])
     args = parser.parse_args()
-    names = [name for name, spec in MUTATIONS.items()
-             if args.only is None or (len(spec) > 3) == (args.only == "parallel")]
+    names = [name for name, spec in MUTATIONS.items() if args.only in (None, group(spec))]
     survivors = 0
     for name in names:
         code, failed = run_mutation(name)

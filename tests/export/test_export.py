@@ -72,6 +72,12 @@ def test_hf_logits_and_cached_generation_match(tmp_path, variant):
         logits = hf(tokens, use_cache=False).logits
     assert logits.shape == reference.shape
     assert (logits - reference).abs().max().item() < 1e-4
+    with torch.no_grad():   # forward with the cache by hand: 30 tokens, then one at a time
+        out = hf(tokens[:, :30], use_cache=True)
+        for position in range(30, 40):
+            cache = out[1]   # the output's cache, whatever this transformers release calls it
+            out = hf(tokens[:, position:position + 1], past_key_values=cache, use_cache=True)
+            assert (out.logits[:, 0] - reference[:, position]).abs().max().item() < 1e-4
 
     prompt = tokens[:2, :6]
     with torch.no_grad():
