@@ -113,6 +113,14 @@ MUTATIONS = {
         "        return None\n",
         EXPORT_TESTS,
     ),
+    "export: query-conv history kept beside the cache (beam search cannot reorder it)": (
+        "ultramem_megatron/export/hf/modeling_ultramem.py",
+        "        while len(cache.layers) <= index:\n"
+        "            cache.layers.append(DynamicLayer())\n"
+        "        layer = cache.layers[index]\n",
+        '        layer = cache.__dict__.setdefault("side", {}).setdefault(index, DynamicLayer())\n',
+        EXPORT_TESTS,
+    ),
     "export: RoPE positions restart at 0 for each cached step": (
         "ultramem_megatron/export/hf/modeling_ultramem.py",
         "torch.arange(past, past + seq, device=x.device).expand",

@@ -10,7 +10,7 @@ import torch
 
 from ultramem_megatron.config import load_config
 from ultramem_megatron.export import ConversionError, export_model, import_hf
-from ultramem_megatron.export.checkpoints import _single_process_model
+from ultramem_megatron.export.checkpoints import single_process_model
 from ultramem_megatron.export.hf_dir import read_hf_dir
 
 SMALL = ["model.hidden_size=64", "model.num_layers=4", "model.ffn_hidden_size=96",
@@ -36,7 +36,7 @@ def trained_looking_model(run):
     """The run's megatron model with every weight moved off its init (norm gains, the identity
     query conv, BatchNorm running statistics), so no mapping error can hide behind a 1 or a 0."""
     torch.manual_seed(0)
-    model = _single_process_model(run)
+    model = single_process_model(run)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.dim() == 1 or "query_conv" in name:
@@ -88,14 +88,18 @@ def test_hf_logits_and_cached_generation_match(tmp_path, variant):
         for _ in range(16):
             step = model(sequence, torch.arange(sequence.shape[1]).unsqueeze(0), None)
             sequence = torch.cat([sequence, step[:, -1:].argmax(-1)], dim=1)
+        # beam search reorders the cache (with the query conv's history riding in it)
+        beams = [hf.generate(prompt, max_new_tokens=8, do_sample=False, num_beams=3,
+                             use_cache=use_cache) for use_cache in (True, False)]
     assert cached.shape == (2, 22)
     assert torch.equal(cached, uncached)
+    assert torch.equal(beams[0], beams[1])
     assert torch.equal(cached[:1], sequence)
 
 
 def test_import_refuses_bad_exports(tmp_path):
     run = load_config("configs/tiny.yaml", SMALL + VARIANTS["ultramem"])
-    good = export_model(_single_process_model(run), run, tmp_path / "good", tokenizer="")
+    good = export_model(single_process_model(run), run, tmp_path / "good", tokenizer="")
 
     edited = tmp_path / "edited"
     shutil.copytree(good, edited)

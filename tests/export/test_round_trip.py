@@ -106,7 +106,7 @@ STANDALONE = textwrap.dedent("""
 
 
 def test_export_runs_without_this_project_and_matches_the_checkpoint(exported, tmp_path):
-    from ultramem_megatron.export.checkpoints import _single_process_model
+    from ultramem_megatron.export.checkpoints import single_process_model
     from ultramem_megatron.training.checkpoint import (load_model_weights, read_run_config,
                                                        resolve_checkpoint)
 
@@ -121,7 +121,7 @@ def test_export_runs_without_this_project_and_matches_the_checkpoint(exported, t
     assert result["text"].startswith("The king said") and len(result["text"]) > len("The king said")
 
     checkpoint = resolve_checkpoint(exported / "run")
-    model = _single_process_model(read_run_config(checkpoint))
+    model = single_process_model(read_run_config(checkpoint))
     load_model_weights(checkpoint, model)
     with torch.no_grad():
         reference = model.eval()(tokens, torch.arange(32).expand(2, -1), None)

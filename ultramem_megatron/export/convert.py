@@ -85,9 +85,10 @@ def rule_for(key: str, model: ModelConfig) -> Rule:
         raise ConversionError(f"no export rule for megatron tensor {key!r}")
     layer, rest = int(match.group(1)), match.group(2)
     hf = f"model.layers.{layer}"
-    if rest.startswith(("input_layernorm.", "pre_mlp_layernorm.")):
-        name, param = rest.split(".", 1)
-        return _same(f"{hf}.{'input_layernorm' if name == 'input_layernorm' else 'post_attention_layernorm'}.{param}")
+    if rest.startswith("input_layernorm."):
+        return _same(f"{hf}.{rest}")
+    if rest.startswith("pre_mlp_layernorm."):
+        return _same(f"{hf}.post_attention_layernorm.{rest.split('.', 1)[1]}")
     if rest == "self_attention.linear_qkv.weight":
         return _qkv(f"{hf}.self_attn", model.num_attention_heads)
     if rest == "self_attention.linear_proj.weight":
