@@ -115,3 +115,22 @@ def test_train_py_names_missing_files(tmp_path, overrides, message):
     assert result.returncode == 2
     assert re.search(message, result.stderr.strip().splitlines()[-1]), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_architecture_differences_ignore_training_only_fields():
+    from ultramem_megatron.config import architecture_differences
+
+    base = load_config(ROOT / "configs/tiny.yaml").model
+    same = load_config(ROOT / "configs/tiny.yaml", [
+        "model.dropout=0.1", "model.init_std=0.01", "model.ultramem.aux_loss_weight=0.0",
+        "model.ultramem.value_lr_start_mult=1.0", "model.seq_length=64",   # RoPE: no table
+        "model.pkm.num_keys=64", "model.moe.num_experts=2"]).model        # other families
+    assert architecture_differences(same, base) == []
+    other = load_config(ROOT / "configs/tiny.yaml", ["model.hidden_size=256",
+                                               "model.ultramem.topk=8"]).model
+    assert architecture_differences(other, base) == [
+        "model.hidden_size: 256 vs 128", "model.ultramem.topk: 8 vs 16"]
+    learned = ["model.position_embedding=learned_absolute"]
+    assert architecture_differences(
+        load_config(ROOT / "configs/tiny.yaml", learned + ["model.seq_length=64"]).model,
+        load_config(ROOT / "configs/tiny.yaml", learned).model) == ["model.seq_length: 64 vs 128"]

@@ -8,11 +8,13 @@ import shutil
 import pytest
 import torch
 
+from tests.training.conftest import ROOT
 from ultramem_megatron.config import load_config
 from ultramem_megatron.export import ConversionError, export_model, import_hf
 from ultramem_megatron.export.checkpoints import single_process_model
 from ultramem_megatron.export.hf_dir import read_hf_dir
 
+TINY = ROOT / "configs" / "tiny.yaml"
 SMALL = ["model.hidden_size=64", "model.num_layers=4", "model.ffn_hidden_size=96",
          "model.num_attention_heads=4", "model.seq_length=64"]
 VARIANTS = {
@@ -56,7 +58,7 @@ def load_hf(path):
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_hf_logits_and_cached_generation_match(tmp_path, variant):
-    run = load_config("configs/tiny.yaml", SMALL + VARIANTS[variant])
+    run = load_config(TINY, SMALL + VARIANTS[variant])
     model = trained_looking_model(run)
     out = export_model(model, run, tmp_path / variant.replace("-", "_"),
                        max_shard_size="1MB" if variant == "dense" else "5GB")
@@ -98,7 +100,7 @@ def test_hf_logits_and_cached_generation_match(tmp_path, variant):
 
 
 def test_import_refuses_bad_exports(tmp_path):
-    run = load_config("configs/tiny.yaml", SMALL + VARIANTS["ultramem"])
+    run = load_config(TINY, SMALL + VARIANTS["ultramem"])
     good = export_model(single_process_model(run), run, tmp_path / "good", tokenizer="")
 
     edited = tmp_path / "edited"
@@ -133,7 +135,7 @@ def test_import_refuses_bad_exports(tmp_path):
 
 
 def test_loading_never_unpickles(tmp_path, monkeypatch):
-    run = load_config("configs/tiny.yaml", SMALL + VARIANTS["pkm"])
+    run = load_config(TINY, SMALL + VARIANTS["pkm"])
     out = export_model(trained_looking_model(run), run, tmp_path / "pkm_nopickle")
 
     def refuse(*args, **kwargs):
