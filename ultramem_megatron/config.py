@@ -136,6 +136,7 @@ class TrainConfig:
     wandb: bool = False
     wandb_project: str = "ultramem-megatron"
     threads: int = 0                                       # torch CPU threads; 0 = leave as is
+    collective_timeout_s: float = 600.0   # a rank waiting longer on a peer exits (dead-rank bound)
 
 
 @dataclass(frozen=True)
@@ -370,6 +371,9 @@ def validate(config: RunConfig) -> None:
     if train.global_batch_size % train.micro_batch_size:
         raise ConfigError(f"train.global_batch_size ({train.global_batch_size}) must be a "
                           f"multiple of train.micro_batch_size ({train.micro_batch_size})")
+    if not train.collective_timeout_s > 0:
+        raise ConfigError(f"train.collective_timeout_s must be positive, got "
+                          f"{train.collective_timeout_s}")
     if train.exit_after_steps < 0:
         raise ConfigError(f"train.exit_after_steps must be >= 0, got {train.exit_after_steps}")
     if not 0.0 <= train.warmup_fraction < 1.0:

@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import socket
+from datetime import timedelta
 
 import numpy as np
 
@@ -144,7 +145,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _init_process_group() -> None:
+def _init_process_group(timeout_s: float = 600.0) -> None:
     """torchrun's rendezvous when its variables are set, else a world of one on a free local port
     (gloo on CPU, nccl with CUDA). The port goes in init_method, not os.environ: environment
     variables would leak into child processes (train.py run by a test), whose own world-of-one
@@ -154,11 +155,13 @@ def _init_process_group() -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    timeout = timedelta(seconds=timeout_s)
     if "MASTER_PORT" in os.environ:
-        dist.init_process_group(backend)  # env:// with RANK and WORLD_SIZE from the launcher
+        # env:// with RANK and WORLD_SIZE from the launcher
+        dist.init_process_group(backend, timeout=timeout)
     else:
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
-                                rank=0, world_size=1)
+                                rank=0, world_size=1, timeout=timeout)
 
 
 def initialize_single_process(seed: int = 1234) -> None:
@@ -421,23 +424,25 @@ def device() -> torch.device:
         else torch.device("cpu")
 
 
-def initialize_distributed(tensor_parallel_size: int, seed: int, memory_parallel_size: int = 1
-                           ) -> None:
+def initialize_distributed(tensor_parallel_size: int, seed: int, memory_parallel_size: int = 1,
+                           timeout_s: float = 600.0) -> None:
     """Process group from torchrun's environment (or a world of one), megatron parallel state,
     seeds; on CPU also the CUDA-as-CPU shims. Data parallelism takes the remaining ranks; the
     memory-parallel group is megatron's expert-parallel group (carved from data-parallel ranks
-    with the same TP rank), so its value shards are reduced over the expert-data-parallel group."""
+    with the same TP rank), so its value shards are reduced over the expert-data-parallel group.
+    Every group's collectives give up after timeout_s (a dead or frozen peer)."""
     apply_cpu_patches()
     enter_cpu_device_mode()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "MASTER_PORT" not in os.environ:
         raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is unset: launch with torchrun")
-    _init_process_group()
+    _init_process_group(timeout_s)
     if dist.get_world_size() % (tensor_parallel_size * memory_parallel_size):
         raise ValueError(f"world size {dist.get_world_size()} is not a multiple of TP x memory-"
                          f"parallel size ({tensor_parallel_size} x {memory_parallel_size})")
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size,
-                                                 expert_model_parallel_size=memory_parallel_size)
+                                                 expert_model_parallel_size=memory_parallel_size,
+                                                 distributed_timeout_minutes=timeout_s / 60)
     random_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(random_seed)
     np.random.seed(random_seed)

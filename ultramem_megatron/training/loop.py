@@ -22,6 +22,7 @@ from .checkpoint import (Checkpointer, TrainState, load_model_weights, read_run_
                          resolve_checkpoint)
 from .metrics import MetricsLogger, peak_flops_per_second
 from .optim import build_optimizer, is_value_group
+from .preemption import StopRequest, signals_deferred
 
 
 def training_dtype(run: RunConfig) -> torch.dtype:
@@ -80,7 +81,8 @@ class Trainer:
             raise ConfigError(world_error)
         init_from = _check_init_from(run) if train.init_from else None
         megatron_compat.initialize_distributed(run.parallel.tensor_model_parallel_size, train.seed,
-                                               run.parallel.memory_parallel_size)
+                                               run.parallel.memory_parallel_size,
+                                               train.collective_timeout_s)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         if train.global_batch_size % (train.micro_batch_size * self.dp_size):
@@ -174,8 +176,17 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- loop
 
-    def run(self) -> dict:
+    def save(self) -> None:
+        with signals_deferred():
+            self.checkpointer.save(self.model, self.optimizer, self.scheduler, self.state)
+        self.saved_step = self.state.step
+
+    def run(self, stop: Optional[StopRequest] = None) -> dict:
+        """Train to train.max_steps (or exit_after_steps more). `stop` (installed signal
+        handlers) ends the run at a step boundary, with a checkpoint, once any rank got a signal;
+        the returned record then has "stopped_by"."""
         train = self.cfg.train
+        stop = stop or StopRequest()
         data = iterate_batches(self.train_data, train.micro_batch_size, self.state.consumed_samples,
                                dp_rank=self.dp_rank, dp_size=self.dp_size)
         logger = MetricsLogger(self.cfg, self.state.step) if self.is_logger else None
@@ -185,7 +196,14 @@ class Trainer:
         stop_at = train.max_steps
         if train.exit_after_steps:
             stop_at = min(stop_at, self.state.step + train.exit_after_steps)
+        self.saved_step = self.state.step
         while self.state.step < stop_at:
+            signal_name = stop.agreed(megatron_compat.device())
+            if signal_name:
+                if self.saved_step != self.state.step:
+                    self.save()
+                last = {**last, "step": self.state.step, "stopped_by": signal_name}
+                break
             metrics = self.train_step(data)
             window_steps += 1
             step = self.state.step
@@ -207,7 +225,7 @@ class Trainer:
                 last = record
                 window_start, window_steps = time.perf_counter(), 0
             if step % train.save_interval == 0 or step == stop_at:
-                self.checkpointer.save(self.model, self.optimizer, self.scheduler, self.state)
+                self.save()
         if logger:
             logger.close()
         return last

@@ -1,0 +1,104 @@
+"""launch/submit.py + launch/slurm.sbatch on a real single-node Slurm: 2 CPU ranks (gloo) train
+the tiny config; then a run warned before its time limit (USR1) and one preempted (SIGTERM) both
+requeue, resume and end with the uninterrupted run's losses."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import subprocess_env
+from tests.launch.processes import last_step, wait_for_step
+from tests.launch.slurm_cluster import PACKAGES, SlurmCluster, missing_tools
+from tests.training.conftest import ROOT, SMALL, losses
+
+pytestmark = pytest.mark.slow
+STEPS = ["train.max_steps=30", "train.save_interval=1000"]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    missing = missing_tools()
+    if missing and not os.environ.get("CI"):
+        pytest.skip(f"no Slurm here ({', '.join(missing)} missing): apt-get install {PACKAGES}")
+    assert not missing, f"CI must have Slurm: apt-get install {PACKAGES} (missing {missing})"
+    if os.geteuid() != 0:
+        pytest.skip("starting slurmctld / slurmd needs root")
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()
+
+
+def submit(slurm: SlurmCluster, run_dir: Path, *extra: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "launch/submit.py", "--config", "configs/tiny.yaml",
+         "--tasks-per-node", "2", "--time", "00:30:00", *SMALL, *STEPS,
+         f"train.run_dir={run_dir}", *extra],
+        cwd=ROOT, env=subprocess_env(SLURM_CONF=str(slurm.conf), OMP_NUM_THREADS="1"),
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split("Submitted batch job ")[1].split()[0]
+
+
+def job_log(run_dir: Path, job_id: str) -> str:
+    return (run_dir / "logs" / f"{run_dir.name}-{job_id}.out").read_text(errors="replace")
+
+
+def requeued_and_released(slurm: SlurmCluster, job_id: str, restarts: int) -> None:
+    """Wait until the job is back in the queue, then let it start now: Slurm holds a requeued
+    job about two minutes (BeginTime) before it may run again."""
+    info = slurm.wait_for(job_id, {"PENDING"}, timeout=120)
+    assert info["Restarts"] == str(restarts), info
+    slurm.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("slurm_runs") / "straight"
+    job_id = submit(slurm, run_dir)
+    info = slurm.wait_for(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=600)
+    assert info["JobState"] == "COMPLETED", job_log(run_dir, job_id)[-3000:]
+    return run_dir, job_id
+
+
+def test_two_ranks_train_under_slurm(uninterrupted):
+    run_dir, job_id = uninterrupted
+    log = job_log(run_dir, job_id)
+    assert "2 ranks on" in log and f"job {job_id} restart 0" in log
+    assert "0: final validation loss" in log and "at step 30" in log
+    assert sorted(losses(run_dir)) == list(range(1, 31))
+    assert (run_dir / "checkpoints" / "step_0000030").is_dir()
+    (submission,) = (run_dir / "submissions").iterdir()   # the job ran the snapshot
+    assert f"code {submission / 'code'}" in log
+    assert (submission / "code" / "train.py").is_file() and (submission / "config.yaml").is_file()
+
+
+def test_time_limit_warning_and_preemption_requeue_and_resume(slurm, uninterrupted, tmp_path):
+    reference, _ = uninterrupted
+    run_dir = tmp_path / "interrupted"
+    job_id = submit(slurm, run_dir)
+
+    # 1. The time-limit warning (what --signal=B:USR1@300 sends the batch script).
+    wait_for_step(run_dir, 3)
+    slurm.run("scancel", "--batch", "--signal=USR1", job_id)
+    requeued_and_released(slurm, job_id, restarts=1)
+    first_stop = last_step(run_dir)
+    assert 3 <= first_stop < 30
+
+    # 2. Preemption: Slurm sends SIGTERM to every process of the job and requeues it.
+    wait_for_step(run_dir, first_stop + 3)
+    slurm.run("scontrol", "requeue", job_id)
+    requeued_and_released(slurm, job_id, restarts=2)
+
+    info = slurm.wait_for(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=600)
+    log = job_log(run_dir, job_id)
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert log.count("0: stopped by SIGUSR1 at step") == 1
+    assert log.count("0: stopped by SIGTERM at step") == 1
+    assert "ranks checkpointed; requeueing job" in log
+    assert log.count("0: resumed from") == 2
+    want, got = losses(reference), losses(run_dir)
+    assert sorted(got) == list(range(1, 31))
+    assert all(got[step] == want[step] for step in got), (got, want)
