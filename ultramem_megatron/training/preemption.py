@@ -16,6 +16,9 @@ import torch.distributed as dist
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 LOST_RANK_EXIT_CODE = 3
+# What gloo and NCCL say (as RuntimeError in some torch releases) when a peer is gone or frozen.
+LOST_PEER_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                     "Timed out waiting", "NCCL communicator was aborted", "Watchdog caught")
 
 
 class StopRequest:
@@ -50,9 +53,11 @@ class StopRequest:
 
 @contextmanager
 def signals_deferred():
-    """Hold SIGTERM / SIGUSR1 while a checkpoint is written, delivering them afterwards: a save is
-    never cut in half, and helper processes the save starts inherit the block (SIGUSR1's default
-    action would otherwise kill megatron's checkpoint-writer helpers when Slurm signals the step)."""
+    """Block SIGTERM / SIGUSR1 in this thread while a checkpoint is written. Helper processes the
+    save starts (megatron's writer spawns a multiprocessing manager and resource tracker) inherit
+    the block, so a signal Slurm sends to every process of the step cannot kill them by SIGUSR1's
+    default action. This process itself keeps recording signals (StopRequest) on whichever thread
+    the kernel delivers them to; the handler never interrupts the save."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
@@ -65,10 +70,7 @@ def is_lost_rank_error(err: BaseException) -> bool:
     if isinstance(err, getattr(dist, "DistError", ())):
         return True
     text = str(err)
-    return isinstance(err, RuntimeError) and any(
-        marker in text for marker in ("Connection closed by peer", "Connection reset by peer",
-                                      "Timed out waiting", "timed out", "NCCL communicator was aborted",
-                                      "Broken pipe", "gloo"))
+    return isinstance(err, RuntimeError) and any(marker in text for marker in LOST_PEER_MARKERS)
 
 
 def exit_for_lost_rank(err: BaseException, step: Optional[int]) -> None:
