@@ -15,7 +15,7 @@ from tests.launch.slurm_cluster import PACKAGES, SlurmCluster, missing_tools
 from tests.training.conftest import ROOT, SMALL, losses
 
 pytestmark = pytest.mark.slow
-STEPS = ["train.max_steps=30", "train.save_interval=1000"]
+STEPS = ["train.max_steps=24", "train.save_interval=1000"]
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +67,9 @@ def test_two_ranks_train_under_slurm(uninterrupted):
     run_dir, job_id = uninterrupted
     log = job_log(run_dir, job_id)
     assert "2 ranks on" in log and f"job {job_id} restart 0" in log
-    assert "0: final validation loss" in log and "at step 30" in log
-    assert sorted(losses(run_dir)) == list(range(1, 31))
-    assert (run_dir / "checkpoints" / "step_0000030").is_dir()
+    assert "0: final validation loss" in log and "at step 24" in log
+    assert sorted(losses(run_dir)) == list(range(1, 25))
+    assert (run_dir / "checkpoints" / "step_0000024").is_dir()
     (submission,) = (run_dir / "submissions").iterdir()   # the job ran the snapshot
     assert f"code {submission / 'code'}" in log
     assert (submission / "code" / "train.py").is_file() and (submission / "config.yaml").is_file()
@@ -85,7 +85,7 @@ def test_time_limit_warning_and_preemption_requeue_and_resume(slurm, uninterrupt
     slurm.run("scancel", "--batch", "--signal=USR1", job_id)
     requeued_and_released(slurm, job_id, restarts=1)
     first_stop = last_step(run_dir)
-    assert 3 <= first_stop < 30
+    assert 3 <= first_stop < 21
 
     # 2. Preemption: Slurm sends SIGTERM to every process of the job and requeues it.
     wait_for_step(run_dir, first_stop + 3)
@@ -100,5 +100,5 @@ def test_time_limit_warning_and_preemption_requeue_and_resume(slurm, uninterrupt
     assert "ranks checkpointed; requeueing job" in log
     assert log.count("0: resumed from") == 2
     want, got = losses(reference), losses(run_dir)
-    assert sorted(got) == list(range(1, 31))
+    assert sorted(got) == list(range(1, 25))
     assert all(got[step] == want[step] for step in got), (got, want)
