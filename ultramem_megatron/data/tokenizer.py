@@ -41,6 +41,11 @@ class HFTokenizer:
              ("vocab_size", self.vocab_size), ("eod", self.eod), ("pad", self.pad),
              ("fingerprint", self.fingerprint)])
 
+    @property
+    def transformers_tokenizer(self):
+        """The wrapped transformers tokenizer (what an HF export saves)."""
+        return self._hf
+
     def tokenize(self, text: str) -> list[int]:
         return self._hf.encode(text, add_special_tokens=False, verbose=False)
 

@@ -65,17 +65,17 @@ def write_hf_dir(out: Path, model: ModelConfig, state: dict[str, torch.Tensor],
 
 
 def _load_tokenizer(name_or_path: str):
-    from transformers import AutoTokenizer
+    """The transformers tokenizer a run trained with (a local directory or a hub name)."""
+    from ..data.tokenizer import HFTokenizer, TokenizerError, load_tokenizer
 
-    if name_or_path.endswith(".model"):
+    try:
+        tokenizer = load_tokenizer(name_or_path)
+    except TokenizerError as err:
+        raise ConversionError(str(err)) from err
+    if not isinstance(tokenizer, HFTokenizer):
         raise ConversionError(f"tokenizer {name_or_path!r} is a bare sentencepiece model; export "
                               "with --tokenizer pointing to a Hugging Face tokenizer directory")
-    path = Path(name_or_path).expanduser()
-    try:
-        return AutoTokenizer.from_pretrained(str(path) if path.exists() else name_or_path,
-                                             local_files_only=path.exists())
-    except (OSError, ValueError) as err:
-        raise ConversionError(f"tokenizer {name_or_path!r} could not be loaded: {err}") from err
+    return tokenizer.transformers_tokenizer
 
 
 def _write_generation_config(out: Path, special: dict) -> None:
