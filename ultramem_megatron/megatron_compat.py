@@ -145,6 +145,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def local_device_index() -> int:
+    """This rank's GPU: LOCAL_RANK modulo the GPUs it sees. Slurm binding one GPU per task
+    (--gpus-per-task=1, --gpu-bind) leaves device_count() == 1 with LOCAL_RANK up to 7; torchrun
+    and plain --gpus-per-node show every task all the node's GPUs."""
+    return int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+
+
 def _init_process_group(timeout_s: float = 600.0) -> None:
     """torchrun's rendezvous when its variables are set, else a world of one on a free local port
     (gloo on CPU, nccl with CUDA). The port goes in init_method, not os.environ: environment
@@ -154,7 +161,7 @@ def _init_process_group(timeout_s: float = 600.0) -> None:
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_device_index())
     timeout = timedelta(seconds=timeout_s)
     if "MASTER_PORT" in os.environ:
         # env:// with RANK and WORLD_SIZE from the launcher
@@ -231,10 +238,18 @@ def transformer_engine_available() -> bool:
     return True
 
 
+def fused_rope_available() -> bool:
+    """True when megatron found TE's fused RoPE kernel (what apply_rope_fusion needs)."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    return getattr(rope_utils, "fused_apply_rotary_pos_emb", None) is not None
+
+
 def unfuse_pre_mlp_norm(layer_spec) -> None:
     """Make a layer's pre-FFN norm a module of its own (in place), so the FFN's input is the normed
     hidden state. The Transformer Engine spec fuses it into fc1 (TELayerNormColumnParallelLinear);
-    the local spec already has it separate, and is left as is."""
+    the local spec already has it separate, and is left as is. The checkpoint keys stay those of
+    the fused layer (canonical_norm_keys)."""
     from megatron.core.transformer.identity_op import IdentityOp
 
     submodules = layer_spec.submodules
@@ -244,9 +259,48 @@ def unfuse_pre_mlp_norm(layer_spec) -> None:
 
     submodules.pre_mlp_layernorm = TENorm
     _spec_submodules(submodules.mlp).linear_fc1 = TEColumnParallelLinear
-    submodules.sharded_state_dict_keys_map = {
-        key: value for key, value in submodules.sharded_state_dict_keys_map.items()
-        if not key.startswith("pre_mlp_layernorm.")}
+
+
+# One checkpoint format whatever the spec: megatron's Transformer Engine names. TE fuses the
+# input norm into linear_qkv and a dense FFN's pre-FFN norm into linear_fc1 (keys
+# '...linear_qkv.layer_norm_weight', 'mlp.linear_fc1.layer_norm_weight'); before an MoE layer the
+# norm is a TENorm of its own ('pre_mlp_layernorm.weight'). megatron's local spec maps both norms
+# to the fused names for every layer, MoE included, so local and TE MoE checkpoints differed.
+_INPUT_NORM_KEYS = ("input_layernorm.", "self_attention.linear_qkv.layer_norm_")
+_PRE_MLP_NORM_KEYS = ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_")
+
+
+def canonical_norm_keys(layer_spec, moe: bool) -> None:
+    """Set a layer spec's checkpoint-key map (in place) so its norms save under the TE names:
+    separate norms are mapped onto the fused names, except an MoE layer's pre-FFN norm."""
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    submodules = layer_spec.submodules
+    keys = {k: v for k, v in submodules.sharded_state_dict_keys_map.items()
+            if k not in (_INPUT_NORM_KEYS[0], _PRE_MLP_NORM_KEYS[0])}
+    if submodules.input_layernorm is not IdentityOp:
+        keys[_INPUT_NORM_KEYS[0]] = _INPUT_NORM_KEYS[1]
+    if submodules.pre_mlp_layernorm is not IdentityOp and not moe:
+        keys[_PRE_MLP_NORM_KEYS[0]] = _PRE_MLP_NORM_KEYS[1]
+    submodules.sharded_state_dict_keys_map = keys
+
+
+def drop_extra_state(sharded_state_dict: dict) -> dict:
+    """Without the `_extra_state` entries TE modules add (FP8 scaling metadata, unused in bf16
+    training), so TE and local checkpoints hold the same keys; in place, returned."""
+    for key in [k for k in sharded_state_dict if k.endswith("_extra_state")]:
+        del sharded_state_dict[key]
+    return sharded_state_dict
+
+
+def load_model_state(model, state_dict: dict) -> None:
+    """model.load_state_dict, strict except for the TE `_extra_state` entries checkpoints leave
+    out (drop_extra_state): any other missing or unexpected key is an error."""
+    result = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"checkpoint does not fit the model: missing {missing}, "
+                           f"unexpected {result.unexpected_keys}")
 
 
 class SequenceParallelTorchNorm:
@@ -450,17 +504,53 @@ def initialize_distributed(tensor_parallel_size: int, seed: int, memory_parallel
     mcore_random.model_parallel_cuda_manual_seed(random_seed)
 
 
+def destroy_distributed() -> None:
+    """Undo initialize_distributed (megatron's groups, then the default group): every orderly
+    exit calls it, since NCCL warns about and may leak a process group never destroyed. A no-op
+    when nothing was set up."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def average_grads_over_tp(param: torch.nn.Parameter) -> None:
+    """Mark a parameter replicated over the TP group whose gradient megatron's
+    finalize_model_grads averages over that group before the optimizer step, so the replicas
+    stay bitwise identical even when their local gradients differ in the last bits (GPU atomics)."""
+    param.average_gradients_across_tp_domain = True
+
+
+def wrap_float16(model: torch.nn.Module) -> torch.nn.Module:
+    """megatron's Float16Module around a bf16 model, as megatron's own training does: every
+    parameter in bf16 (the local spec builds its torch norms in fp32, and the distributed
+    optimizer mis-indexes a param group that mixes dtypes), logits returned in fp32. Floating
+    buffers keep the dtype they were built with (the memory's fp32 rank-1 filter, BatchNorm
+    statistics); Float16Module would round them to bf16."""
+    from megatron.core.transformer.module import Float16Module
+
+    kept = {name: buf.dtype for name, buf in model.named_buffers() if buf.is_floating_point()}
+    wrapped = Float16Module(model.config, model)
+    for name, dtype in kept.items():
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        owner._buffers[attr] = owner._buffers[attr].to(dtype)
+    return wrapped
+
+
 def wrap_data_parallel(model: torch.nn.Module, use_distributed_optimizer: bool) -> torch.nn.Module:
-    """megatron DistributedDataParallel (contiguous grad buffers, fp32 grad reduction), and the
-    config hooks megatron's schedule uses to delay and finish the grad all-reduce."""
+    """megatron DistributedDataParallel (contiguous grad buffers, fp32 grad reduction) around the
+    model (inside Float16Module in bf16), and the config hooks megatron's schedule uses to delay
+    and finish the grad all-reduce."""
     from megatron.core.distributed import (DistributedDataParallel,
                                            DistributedDataParallelConfig, finalize_model_grads)
 
     model.to(device())
+    module = wrap_float16(model) if model.config.bf16 else model
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False,
         use_distributed_optimizer=use_distributed_optimizer)
-    wrapped = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    wrapped = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=module)
     model.config.no_sync_func = wrapped.no_sync
     model.config.finalize_model_grads_func = finalize_model_grads
     return wrapped
@@ -470,8 +560,9 @@ def wrap_data_parallel(model: torch.nn.Module, use_distributed_optimizer: bool) 
 
 def model_sharded_state_dict(model) -> dict:
     """Per-layer checkpoint keys ('decoder.layers.3.mlp...'): memory spans make the layers differ,
-    so megatron's stacked layout (one tensor over all layers) does not apply."""
-    return model.sharded_state_dict(metadata={"non_homogeneous_layers": True})
+    so megatron's stacked layout (one tensor over all layers) does not apply. TE's FP8 metadata
+    is left out (drop_extra_state)."""
+    return drop_extra_state(model.sharded_state_dict(metadata={"non_homogeneous_layers": True}))
 
 
 def rename_sharded_keys(sharded_state_dict: dict, old_prefix: str, new_prefix: str) -> None:
@@ -558,3 +649,15 @@ def rng_tracker_states() -> dict:
 
 def set_rng_tracker_states(states: dict) -> None:
     mcore_random.get_cuda_rng_tracker().set_states(states)
+
+
+# ------------------------------------------------------------------------------ async checkpoint saves
+
+def async_save_queue():
+    """megatron's queue of checkpoint writes in flight, with one forked writer per save
+    (persistent=False, accepted by 0.16.1 and 0.19.x alike). The persistent worker, the default
+    of newer releases, is spawned and calls torch.cuda.set_device(rank % device_count()), which
+    fails without CUDA; the forked writer also inherits the signal mask of the saving thread."""
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+    return AsyncCallsQueue(persistent=False)

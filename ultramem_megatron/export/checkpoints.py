@@ -13,6 +13,7 @@ import torch
 from .. import megatron_compat
 from ..config import ParallelConfig, RunConfig, build, validate
 from ..model import build_model
+from ..model.capabilities import Capabilities
 from ..training.checkpoint import (load_model_weights, read_run_config, resolve_checkpoint,
                                    save_model_weights)
 from .convert import from_hf, model_config_from_hf, to_hf
@@ -20,9 +21,11 @@ from .hf_dir import read_hf_dir, write_hf_dir
 
 
 def single_process_model(run: RunConfig):
-    """The run's model at TP = 1 on CPU (a world of one when no process group exists)."""
+    """The run's model at TP = 1 with megatron's local spec, in fp32 (a world of one when no
+    process group exists). A checkpoint written under the Transformer Engine spec loads into it:
+    both specs save the same keys (megatron_compat.canonical_norm_keys)."""
     megatron_compat.initialize_distributed(1, run.train.seed)
-    return build_model(run.model, ParallelConfig(), torch.float32)
+    return build_model(run.model, ParallelConfig(), torch.float32, Capabilities())
 
 
 def export_model(model, run: RunConfig, out: str | Path, tokenizer: Optional[str] = None,

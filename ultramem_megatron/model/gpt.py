@@ -7,18 +7,21 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from .. import megatron_compat
 from ..config import ModelConfig, ParallelConfig
 from ..memory import ProductKeyMemory, UltraMemLayer
+from .capabilities import Capabilities, FusionChoice, choose_fusions
 from .skip_memory import MemoryBus
 from .specs import decoder_block_spec
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig,
-                       dtype: torch.dtype = torch.float32) -> TransformerConfig:
-    """megatron TransformerConfig for a model config. Fusions that need CUDA extensions or compile
-    for seconds on CPU are off unless CUDA is there; biases are off for every family (MoE needs it,
+                       dtype: torch.dtype = torch.float32,
+                       fusions: Optional[FusionChoice] = None) -> TransformerConfig:
+    """megatron TransformerConfig for a model config. Fusions are what this machine's kernels
+    allow (model/capabilities.py; none on CPU); biases are off for every family (MoE needs it,
     and the comparison stays fair)."""
-    cuda = torch.cuda.is_available()
+    fusions = fusions if fusions is not None else choose_fusions(model)
     moe = model.moe if model.family == "moe" else None
     return TransformerConfig(
         num_layers=model.num_layers,
@@ -37,11 +40,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
         use_cpu_initialization=True,   # the same weights whatever the parallel layout
-        gradient_accumulation_fusion=False,
-        bias_activation_fusion=cuda,
-        bias_dropout_fusion=cuda,
-        masked_softmax_fusion=cuda,
-        apply_rope_fusion=False,
+        **fusions.config_fields(),
         num_moe_experts=moe.num_experts if moe else None,
         moe_router_topk=moe.topk if moe else 2,
         moe_ffn_hidden_size=(moe.expert_ffn_hidden_size or model.ffn_size) if moe else None,
@@ -56,17 +55,31 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
 class MemoryGPT(GPTModel):
     """GPTModel whose decoder may hold skip-layer memories; forward is GPTModel's."""
 
-    def __init__(self, model: ModelConfig, parallel: ParallelConfig, config: TransformerConfig):
+    def __init__(self, model: ModelConfig, parallel: ParallelConfig, config: TransformerConfig,
+                 use_transformer_engine: bool = False):
         self.memory_bus = MemoryBus()  # plain attribute, shared with the wrapped FFNs
         super().__init__(
             config=config,
-            transformer_layer_spec=decoder_block_spec(model, parallel, config, self.memory_bus),
+            transformer_layer_spec=decoder_block_spec(model, parallel, config, self.memory_bus,
+                                                      use_transformer_engine),
             vocab_size=model.vocab_size,
             max_sequence_length=model.seq_length,
             position_embedding_type=model.position_embedding,
             share_embeddings_and_output_weights=False,
             parallel_output=True,
         )
+        if config.tensor_model_parallel_size > 1:
+            self._sync_tp_replicated_memory_params()
+
+    def _sync_tp_replicated_memory_params(self) -> None:
+        """Memory parameters every TP rank holds whole (retrieval, PKM; not the TP-split value
+        shards and projection, not those sequence parallelism already sums) get their gradients
+        averaged over TP, so every TP rank keeps selecting the same value rows."""
+        for layer in self.memory_layers():
+            for param in layer.parameters():
+                if not (getattr(param, "tensor_model_parallel", False)
+                        or getattr(param, "sequence_parallel", False)):
+                    megatron_compat.average_grads_over_tp(param)
 
     def forward(self, *args, **kwargs):
         self.memory_bus.reset()
@@ -100,6 +113,10 @@ class MemoryGPT(GPTModel):
             layer.refresh_rank1()
 
 
-def build_model(model: ModelConfig, parallel: ParallelConfig,
-                dtype: torch.dtype = torch.float32) -> MemoryGPT:
-    return MemoryGPT(model, parallel, transformer_config(model, parallel, dtype))
+def build_model(model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype = torch.float32,
+                capabilities: Optional[Capabilities] = None) -> MemoryGPT:
+    """The model a run builds on this machine (or on one with the given capabilities): the TE
+    spec where Transformer Engine imports, the local spec otherwise."""
+    fusions = choose_fusions(model, capabilities)
+    return MemoryGPT(model, parallel, transformer_config(model, parallel, dtype, fusions),
+                     fusions.use_transformer_engine)

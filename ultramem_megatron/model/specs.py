@@ -27,14 +27,15 @@ def memory_spec(model: ModelConfig, parallel: ParallelConfig, config: Transforme
 
 
 def decoder_block_spec(model: ModelConfig, parallel: ParallelConfig, config: TransformerConfig,
-                       bus: MemoryBus) -> TransformerBlockSubmodules:
-    """megatron's own GPT block spec (local, or Transformer Engine when installed; MoE layers when
+                       bus: MemoryBus, use_te: bool = False) -> TransformerBlockSubmodules:
+    """megatron's own GPT block spec (local, or Transformer Engine; MoE layers when
     config.num_moe_experts is set), with the FFN of each span's first and last block wrapped."""
-    use_te = megatron_compat.transformer_engine_available()
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
                                        normalization=config.normalization)
     if config.sequence_parallel and not use_te:
         megatron_compat.use_sequence_parallel_norms(block)
+    for layer in block.layer_specs:
+        megatron_compat.canonical_norm_keys(layer, moe=config.num_moe_experts is not None)
     spans = model.active_spans()
     if not spans:
         return block
@@ -47,6 +48,7 @@ def decoder_block_spec(model: ModelConfig, parallel: ParallelConfig, config: Tra
             if index in starts:
                 # The memory reads the pre-FFN norm's output; TE fuses that norm into fc1.
                 megatron_compat.unfuse_pre_mlp_norm(layer)
+                megatron_compat.canonical_norm_keys(layer, moe=False)
             layer.submodules.mlp = ModuleSpec(
                 module=SkipMemoryMLP,
                 submodules=SkipMemorySubmodules(
