@@ -137,6 +137,7 @@ class TrainConfig:
     wandb_project: str = "ultramem-megatron"
     threads: int = 0                                       # torch CPU threads; 0 = leave as is
     collective_timeout_s: float = 600.0   # a rank waiting longer on a peer exits (dead-rank bound)
+    peak_tflops: float = 0.0              # MFU's peak per device; 0 = look the GPU up
 
 
 @dataclass(frozen=True)
@@ -374,6 +375,8 @@ def validate(config: RunConfig) -> None:
     if not train.collective_timeout_s > 0:
         raise ConfigError(f"train.collective_timeout_s must be positive, got "
                           f"{train.collective_timeout_s}")
+    if train.peak_tflops < 0:
+        raise ConfigError(f"train.peak_tflops must be >= 0 (0 = look up), got {train.peak_tflops}")
     if train.exit_after_steps < 0:
         raise ConfigError(f"train.exit_after_steps must be >= 0, got {train.exit_after_steps}")
     if not 0.0 <= train.warmup_fraction < 1.0:

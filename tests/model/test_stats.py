@@ -194,3 +194,49 @@ def test_script_check_on_meta(capsys):
     assert script.main([str(ROOT / "configs" / "ultramem_151m.yaml"), "--check"]) == 0
     out = capsys.readouterr().out
     assert "built on the meta device" in out and "2,028,792,384" in out and "OK" in out
+
+
+def megatron_lm_flops(args, batch_size: int) -> float:
+    """megatron-LM's num_floating_point_operations (megatron/training/training.py,
+    transformer_flops()) transcribed for a dense GPT: no MoE, MTP, GQA, MLA, attention output gate
+    or linear attention. Training FLOPs of one global batch, causal attention counted half."""
+    forward_backward_expansion_factor = 3
+    fma_expansion_factor = 2
+    ffn_expansion_factor = 3 if args.swiglu else 2
+    query_projection_size = args.kv_channels * args.num_attention_heads
+    key_projection_size = args.kv_channels * args.num_query_groups
+    value_projection_size = args.kv_channels * args.num_query_groups
+    standard_self_attn_term = (
+        forward_backward_expansion_factor * fma_expansion_factor * (
+            args.hidden_size * (query_projection_size + key_projection_size + value_projection_size)
+            + query_projection_size * args.seq_length / 2 * 2   # causal mask; QK^T and (QK^T)V
+            + query_projection_size * args.hidden_size))
+    return batch_size * args.seq_length * (
+        forward_backward_expansion_factor * fma_expansion_factor * args.hidden_size
+        * (args.ffn_hidden_size * ffn_expansion_factor) * args.num_layers
+        + standard_self_attn_term * args.num_layers
+        + forward_backward_expansion_factor * fma_expansion_factor * args.hidden_size
+        * args.padded_vocab_size)
+
+
+def _megatron_args(model):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        hidden_size=model.hidden_size, num_layers=model.num_layers, seq_length=model.seq_length,
+        ffn_hidden_size=model.ffn_size, swiglu=model.swiglu, padded_vocab_size=model.vocab_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_attention_heads,
+        kv_channels=model.hidden_size // model.num_attention_heads)
+
+
+@pytest.mark.parametrize("model", [
+    config("dense").model, config("dense_layernorm_learned_swiglu").model,
+    load_config(None, SMALL + CASES["dense"] + ["model.seq_length=37"]).model,
+    load_config(ROOT / "configs" / "dense_151m.yaml").model,
+], ids=["dense", "swiglu", "odd_seq", "dense_151m"])
+def test_mfu_flops_match_megatron_lm(model):
+    stats = model_stats(model)
+    assert stats.mfu_flops_per_token * model.seq_length == megatron_lm_flops(_megatron_args(model), 1)
+    # the FlopCounterMode-matching count keeps the full square: 3 x half of it more
+    assert stats.flops_per_token - stats.mfu_flops_per_token == 3 * stats.attention_flops // 2

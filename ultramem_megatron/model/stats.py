@@ -37,6 +37,9 @@ FLOPs: forward FLOPs per token, 2 per multiply-accumulate.
   Not counted: norms, activations, softmax, top-k, embedding lookups, the loss, the key-table
   norm (once per batch, not per token).
   flops_per_token   training FLOPs per token = 3 x forward (backward = 2 x forward).
+  mfu_flops_per_token  model FLOPs per token for MFU: flops_per_token with the attention square
+                    counted causally (half of attention_flops), as megatron-LM's
+                    num_floating_point_operations does; the numerator of `mfu` in metrics.jsonl.
   paper_flops       2 x non-embedding activated params: the convention of the paper's FLOPs column
                     (Dense-151M 0.151B params -> 0.30G; ablation 173.01M -> 346.06M), which leaves
                     out attention scores and the output layer.
@@ -66,6 +69,12 @@ class ModelStats:
     def flops_per_token(self) -> int:
         """Training FLOPs per token: forward plus a backward of twice its cost."""
         return 3 * self.forward_flops
+
+    @property
+    def mfu_flops_per_token(self) -> int:
+        """Training FLOPs per token with causal attention: only the unmasked half of the
+        seq x seq square is model work (megatron-LM's convention for MFU)."""
+        return 3 * (self.forward_flops - self.attention_flops // 2)
 
     @property
     def non_embedding_params(self) -> int:

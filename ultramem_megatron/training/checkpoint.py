@@ -145,8 +145,9 @@ class Checkpointer:
         except Exception as err:  # dist_checkpointing raises many kinds; say which checkpoint
             raise CheckpointError(f"cannot load checkpoint {path}: {err}") from err
         model.load_state_dict(loaded["model"])
+        scheduler.mark_saved_value_groups(loaded["optimizer"])  # before the optimizer reads them
         megatron_compat.optimizer_load_state_dict(optimizer, loaded["optimizer"])
-        scheduler.load_state_dict(loaded["scheduler"])
+        scheduler.load_state_dict(loaded["scheduler"])  # the step; the schedule is the config's
         if "rng" in loaded:
             _set_rng_state(loaded["rng"])
         return TrainState(**loaded["train_state"])

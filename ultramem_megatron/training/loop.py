@@ -2,7 +2,6 @@
 metrics and checkpoints."""
 
 import os
-import time
 from functools import partial
 from typing import Iterator, Optional
 
@@ -20,7 +19,7 @@ from ..model import MemoryGPT, build_model
 from ..model.stats import model_stats
 from .checkpoint import (Checkpointer, TrainState, load_model_weights, read_run_config,
                          resolve_checkpoint)
-from .metrics import MetricsLogger, peak_flops_per_second
+from .metrics import MetricsLogger, Throughput, device_name, peak_flops_per_second
 from .optim import build_optimizer, is_value_group
 from .preemption import StopRequest, signals_deferred
 
@@ -121,10 +120,11 @@ class Trainer:
             load_model_weights(init_from, self.model)
             if self.is_logger:
                 print(f"initialized the model from {init_from}", flush=True)
-        self.flops_per_token = model_stats(run.model).flops_per_token
-        self.peak_flops = peak_flops_per_second(
-            torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            torch.get_num_threads())
+        self.throughput = Throughput(  # the peak (and its unknown-device warning) on rank 0 only
+            train.global_batch_size * run.model.seq_length,
+            model_stats(run.model).mfu_flops_per_token,
+            peak_flops_per_second(device_name(), train.peak_tflops) if self.is_logger else None,
+            dist.get_world_size())
 
     # -------------------------------------------------------------------------------- steps
 
@@ -165,6 +165,16 @@ class Trainer:
         (loss,) = _mean_over_data_parallel([sum(r["lm_loss"].item() for r in reduced) / len(reduced)])
         return loss
 
+    def _throughput_record(self) -> dict:
+        """The window's throughput; max_memory_gib is the largest over all ranks."""
+        record = self.throughput.record()
+        if record["max_memory_gib"] is not None and dist.get_world_size() > 1:
+            peak = torch.tensor([record["max_memory_gib"]], dtype=torch.float64,
+                                device=megatron_compat.device())
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            record["max_memory_gib"] = peak.item()
+        return record
+
     def _learning_rates(self) -> tuple[float, Optional[float]]:
         base, value = None, None
         for group in self.optimizer.param_groups:
@@ -190,9 +200,8 @@ class Trainer:
         data = iterate_batches(self.train_data, train.micro_batch_size, self.state.consumed_samples,
                                dp_rank=self.dp_rank, dp_size=self.dp_size)
         logger = MetricsLogger(self.cfg, self.state.step) if self.is_logger else None
-        tokens_per_step = train.global_batch_size * self.cfg.model.seq_length
         last = {}
-        window_start, window_steps = time.perf_counter(), 0
+        self.throughput.restart()
         stop_at = train.max_steps
         if train.exit_after_steps:
             stop_at = min(stop_at, self.state.step + train.exit_after_steps)
@@ -205,17 +214,14 @@ class Trainer:
                 last = {**last, "step": self.state.step, "stopped_by": signal_name}
                 break
             metrics = self.train_step(data)
-            window_steps += 1
+            self.throughput.step()
             step = self.state.step
             if logger:
                 logger.advance()
             if step % train.log_interval == 0 or step == train.max_steps:
-                elapsed = time.perf_counter() - window_start
-                tokens_per_s = tokens_per_step * window_steps / elapsed
                 lr, value_lr = self._learning_rates()
                 record = {"step": step, **metrics, "lr": lr, "value_lr": value_lr,
-                          "tokens_per_s": tokens_per_s,
-                          "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * max(1, dist.get_world_size())),
+                          **self._throughput_record(),
                           "value_rows_hit": self.model.rows_hit_fraction(
                               parallel_state.get_data_parallel_group())}
                 if step % train.eval_interval == 0 or step == train.max_steps:
@@ -223,7 +229,7 @@ class Trainer:
                 if logger:
                     logger.log(record)
                 last = record
-                window_start, window_steps = time.perf_counter(), 0
+                self.throughput.restart()
             if step % train.save_interval == 0 or step == stop_at:
                 self.save()
         if logger:
