@@ -100,3 +100,18 @@ def test_megatron_accepts_every_capability_combination(name):
                 assert config.gradient_accumulation_fusion <= caps.grad_accum_kernel
                 checked += 1
     assert checked >= 2 * 2 * 64
+
+
+@pytest.mark.parametrize("impl", ["auto", "local", "transformer_engine"])
+def test_transformer_impl_narrows_the_capabilities(impl):
+    """train.transformer_impl: local never uses TE; transformer_engine is refused where TE does
+    not import (before any model is built), and otherwise is what auto does."""
+    from ultramem_megatron.config import ConfigError
+    from ultramem_megatron.training.loop import machine_capabilities
+
+    run = load_config(ROOT / "configs/tiny.yaml", [f"train.transformer_impl={impl}"])
+    if impl == "transformer_engine" and not TE:
+        with pytest.raises(ConfigError, match="transformer_impl"):
+            machine_capabilities(run)
+        return
+    assert machine_capabilities(run).transformer_engine is (TE and impl != "local")

@@ -58,11 +58,14 @@ class Capabilities:
 
 
 def _triton_available() -> bool:
+    """torch's own check (Triton importable and a GPU it can compile for). It reads the device's
+    properties, so it raises where CUDA is only simulated: no Triton then."""
     try:
         from torch.utils._triton import has_triton
-    except ImportError:
+
+        return bool(has_triton())
+    except Exception:  # noqa: BLE001 - any failure of the probe means no usable Triton
         return False
-    return has_triton()
 
 
 @dataclass(frozen=True)
