@@ -8,6 +8,9 @@ directory, then `sbatch launch/slurm.sbatch` with the job's shape.
 The job runs the snapshot (RUN_DIR/submissions/TIMESTAMP/code), so editing the checkout later
 cannot change a queued or requeued job; relative data paths resolve from the directory you submit
 from. Logs: RUN_DIR/logs/JOBNAME-JOBID.out (requeued runs append to the same file).
+
+The job never tokenizes: data the config lacks is refused with the command that prepares it, or
+prepared here, before sbatch, with --prepare-data.
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="extra sbatch option, repeatable (e.g. --sbatch-arg=--exclusive)")
     parser.add_argument("--python", default=sys.executable,
                         help="interpreter on the compute nodes (default: this one)")
+    parser.add_argument("--prepare-data", action="store_true",
+                        help="tokenize the config's missing data here before submitting "
+                             "(default: refuse, printing the command that does it)")
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch command only")
     args = parser.parse_args(argv)
     for name in ("nodes", "signal_seconds"):
@@ -74,6 +80,26 @@ def check_layout(run, world_size: int, gpus_per_node: int, tasks_per_node: int) 
     if gpus_per_node and tasks_per_node != gpus_per_node:
         raise ConfigError(f"--tasks-per-node ({tasks_per_node}) must equal --gpus-per-node "
                           f"({gpus_per_node}): one rank per GPU")
+
+
+def check_data(run, args) -> None:
+    """Refuse data the job would have to tokenize, or (--prepare-data) tokenize it here; a dry
+    run only says what it would prepare."""
+    from ultramem_megatron.data.prepare import ensure_prepared, missing_data, prepare_command
+    from ultramem_megatron.data.tokenizer import load_tokenizer
+
+    missing = missing_data(run.data)
+    if not missing:
+        return
+    if not args.prepare_data:
+        raise ConfigError(f"data not prepared ({'; '.join(missing)}); a Slurm job does not "
+                          f"tokenize. Prepare it first, from the repository root: "
+                          f"{prepare_command(run.data, args.config, args.overrides)} "
+                          f"(or pass --prepare-data to do it here before submitting)")
+    if args.dry_run:
+        print(f"would prepare: {'; '.join(missing)}")
+        return
+    ensure_prepared(run.data, load_tokenizer(run.data.tokenizer))
 
 
 def sbatch_command(args, run_dir: Path, job_name: str, config: Path, code: Path) -> list[str]:
@@ -115,6 +141,16 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    if not args.dry_run and shutil.which("sbatch") is None:
+        print("error: sbatch not found: run this on a Slurm login node", file=sys.stderr)
+        return 2
+    from ultramem_megatron.data.prepare import DataPrepError
+    from ultramem_megatron.data.tokenizer import TokenizerError
+    try:
+        check_data(run, args)
+    except (ConfigError, DataPrepError, TokenizerError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     run_dir = Path(run.train.run_dir).resolve()
     job_name = args.job_name or run_dir.name
     submission = run_dir / "submissions" / time.strftime("%Y%m%d-%H%M%S")
@@ -124,9 +160,6 @@ def main(argv=None) -> int:
     if args.dry_run:
         print(shlex.join(command))
         return 0
-    if shutil.which("sbatch") is None:
-        print("error: sbatch not found: run this on a Slurm login node", file=sys.stderr)
-        return 2
     snapshot(submission)
     # The resolved config, overrides included, with run_dir absolute: what the job runs.
     resolved = to_dict(run)

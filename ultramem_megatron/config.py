@@ -130,6 +130,7 @@ class TrainConfig:
     eval_iters: int = 4
     save_interval: int = 100
     keep_last: int = 2
+    async_save: bool = True               # checkpoint writes overlap training (forked writers)
     resume: bool = True
     init_from: Optional[str] = None       # model-only start (e.g. an HF import) when run_dir has none
     tensorboard: bool = False

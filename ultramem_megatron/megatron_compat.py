@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import logging
 import os
 import random
@@ -654,10 +655,23 @@ def set_rng_tracker_states(states: dict) -> None:
 # ------------------------------------------------------------------------------ async checkpoint saves
 
 def async_save_queue():
-    """megatron's queue of checkpoint writes in flight, with one forked writer per save
-    (persistent=False, accepted by 0.16.1 and 0.19.x alike). The persistent worker, the default
-    of newer releases, is spawned and calls torch.cuda.set_device(rank % device_count()), which
-    fails without CUDA; the forked writer also inherits the signal mask of the saving thread."""
+    """megatron's queue of checkpoint writes in flight, with one forked writer per save. Explicitly
+    persistent=False (the default of 0.16.1 and 0.19.2; later code defaults to a spawned persistent
+    worker, which calls torch.cuda.set_device(rank % device_count()) and fails without CUDA). The
+    forked writer inherits the signal mask of the saving thread (preemption.signals_deferred)."""
     from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
     return AsyncCallsQueue(persistent=False)
+
+
+def start_async_save(sharded_state_dict: dict, directory: str):
+    """dist_checkpointing.save's async form with megatron's own writer, whose request goes on
+    async_save_queue(). 0.19.x defaults to async_strategy="nvrx", which needs the
+    nvidia-resiliency-ext package and its own queue (and logs once that "mcore" is deprecated);
+    0.16.1 has no such argument."""
+    from megatron.core import dist_checkpointing
+
+    kwargs = {"async_sharded_save": True}
+    if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters:
+        kwargs["async_strategy"] = "mcore"
+    return dist_checkpointing.save(sharded_state_dict, directory, **kwargs)

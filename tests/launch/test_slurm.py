@@ -34,7 +34,7 @@ def slurm(tmp_path_factory):
 def submit(slurm: SlurmCluster, run_dir: Path, *extra: str) -> str:
     result = subprocess.run(
         [sys.executable, "launch/submit.py", "--config", "configs/tiny.yaml",
-         "--tasks-per-node", "2", "--time", "00:30:00", *SMALL, *STEPS,
+         "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "00:30:00", *SMALL, *STEPS,
          f"train.run_dir={run_dir}", *extra],
         cwd=ROOT, env=subprocess_env(SLURM_CONF=str(slurm.conf), OMP_NUM_THREADS="1"),
         capture_output=True, text=True, timeout=120)
@@ -67,6 +67,7 @@ def test_two_ranks_train_under_slurm(uninterrupted):
     run_dir, job_id = uninterrupted
     log = job_log(run_dir, job_id)
     assert "2 ranks on" in log and f"job {job_id} restart 0" in log
+    assert "cpus per task 1," in log   # SRUN_CPUS_PER_TASK, from --cpus-per-task
     assert "0: final validation loss" in log and "at step 24" in log
     assert sorted(losses(run_dir)) == list(range(1, 25))
     assert (run_dir / "checkpoints" / "step_0000024").is_dir()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -12,7 +14,8 @@ from .tokenizer import HFTokenizer
 from .writer import (DataPrepError, DocumentStats, WriteOptions, is_prepared, meta_path,
                      usable_texts, write_documents)
 
-__all__ = ["DataPrepError", "PrepareStats", "prepare_jsonl", "ensure_prepared", "is_prepared"]
+__all__ = ["DataPrepError", "PrepareStats", "prepare_jsonl", "ensure_prepared", "is_prepared",
+           "missing_data", "prepare_command"]
 
 
 @dataclass
@@ -79,12 +82,35 @@ def _check_corpus(data_cfg, tokenizer: HFTokenizer) -> None:
                             f"{manifest.get('tokenizer')!r}, not {tokenizer.name_or_path!r}")
 
 
-def ensure_prepared(data_cfg, tokenizer: HFTokenizer) -> list[PrepareStats]:
+def missing_data(data_cfg) -> list[str]:
+    """What a run would have to tokenize or build first, one `field: path` each: data.blend
+    prefixes without .bin/.idx, or data.corpus without its manifest or a subset. Looks at file
+    names only (no tokenizer), so a launcher can ask before anything expensive."""
+    if data_cfg.corpus is None:
+        return [f"data.blend[{i}]: {entry.prefix}" for i, entry in enumerate(data_cfg.blend)
+                if not is_prepared(entry.prefix)]
+    if not (Path(data_cfg.corpus) / "manifest.json").is_file():
+        return [f"data.corpus: {data_cfg.corpus} (no manifest.json)"]
+    return [f"data.subset_weights.{subset}: {entry.prefix}"
+            for entry, subset in zip(data_cfg.entries(), data_cfg.subset_weights)
+            if not is_prepared(entry.prefix)]
+
+
+def prepare_command(data_cfg, config: str, overrides: Sequence[str] = ()) -> str:
+    """The command, run from the repository root, that prepares what missing_data lists."""
+    if data_cfg.corpus is not None:
+        return (f"`make data` for the default corpus, else {sys.executable} "
+                f"scripts/prepare_data.py --subset NAME=SOURCE ... --output-dir {data_cfg.corpus}")
+    return shlex.join([sys.executable, "scripts/prepare_data.py", "--config", config, *overrides])
+
+
+def ensure_prepared(data_cfg, tokenizer: HFTokenizer, build: bool = True) -> list[PrepareStats]:
     """Prepare every data.blend entry whose prefix .bin/.idx is missing, from its source.
 
     data_cfg is a config.DataConfig. Every entry is checked before anything is built. Not
-    rank-aware: under torch.distributed call it on rank 0 only, then barrier. Returns the stats
-    of what was prepared (empty when nothing was missing).
+    rank-aware: under torch.distributed build only in a world of one, and pass build=False on
+    every rank of a larger one (a missing prefix then raises on each). Returns the stats of what
+    was prepared (empty when nothing was missing).
     """
     if data_cfg.corpus is not None:
         _check_corpus(data_cfg, tokenizer)
@@ -104,6 +130,10 @@ def ensure_prepared(data_cfg, tokenizer: HFTokenizer) -> list[PrepareStats]:
             raise DataPrepError(f"{where}: {entry.prefix}.bin/.idx do not exist, and "
                                 f"{err}") from None
         missing.append(entry)
+    if missing and not build:
+        raise DataPrepError(f"{', '.join(entry.prefix for entry in missing)}: not prepared, and "
+                            "a job of several ranks does not tokenize; prepare it first on one "
+                            "process (scripts/prepare_data.py --config CONFIG [overrides])")
     prepared = []
     for entry in missing:
         stats = prepare_jsonl(entry.source, entry.prefix, tokenizer)

@@ -6,6 +6,9 @@
 #   step_0000200.tmp/  a save in progress, or one killed midway: never read, removed on start
 #   latest             text: the name of the newest complete directory; replaced atomically
 #                      (write + fsync + rename) only after every rank finished writing.
+# With async saving the tensors are written by a forked process per rank while training goes on;
+# the rename and `latest` happen in the save's finalize step, once every rank's writer is done
+# (finish_pending: polled at each step boundary, waited for before a new save and at the end).
 # Each step directory also holds run_config.yaml, the run's whole config, so a checkpoint is
 # self-describing (scripts/export_hf.py and train.init_from read the model section from it).
 
@@ -13,6 +16,7 @@ import os
 import random
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -69,10 +73,12 @@ def _set_rng_state(state: dict) -> None:
 
 
 class Checkpointer:
-    def __init__(self, run_dir: str | Path, keep_last: int, run: Optional[RunConfig] = None):
+    def __init__(self, run_dir: str | Path, keep_last: int, run: Optional[RunConfig] = None,
+                 async_save: bool = False):
         self.root = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
         self.run = run
+        self._queue = megatron_compat.async_save_queue() if async_save else None
 
     def _sharded_state(self, model, optimizer, scheduler, state: TrainState,
                        with_rng: bool = True, is_loading: bool = False) -> dict:
@@ -111,24 +117,44 @@ class Checkpointer:
         _barrier()
 
     def save(self, model, optimizer, scheduler, state: TrainState) -> Path:
+        """Write step_N.tmp, then rename it to step_N and mark it latest. With async saving this
+        returns once the state is handed to the writer processes (after waiting for the previous
+        save); the rename happens in finish_pending. Every rank calls it at the same point."""
+        self.finish_pending()
         name = f"step_{state.step:07d}"
-        final, partial = self.root / name, self.root / f"{name}{_TMP_SUFFIX}"
+        staging = self.root / f"{name}{_TMP_SUFFIX}"
         if _rank() == 0:
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
         _barrier()
-        dist_checkpointing.save(self._sharded_state(model, optimizer, scheduler, state),
-                                str(partial))
-        _barrier()
+        sharded = self._sharded_state(model, optimizer, scheduler, state)
+        if self._queue is None:
+            dist_checkpointing.save(sharded, str(staging))
+            _barrier()
+            self._commit(name)
+        else:
+            request = megatron_compat.start_async_save(sharded, str(staging))
+            request.add_finalize_fn(partial(self._commit, name))  # after megatron's own
+            self._queue.schedule_async_request(request)
+        return self.root / name
+
+    def finish_pending(self, blocking: bool = True) -> None:
+        """Complete the async save in flight once every rank's writer is done (blocking: wait for
+        it). A collective while a save is pending: every rank calls it at the same point."""
+        if self._queue is not None:
+            self._queue.maybe_finalize_async_calls(blocking=blocking)
+
+    def _commit(self, name: str) -> None:
+        """Every rank has written step_N.tmp: rename it to step_N, mark it latest, prune."""
         if _rank() == 0:
+            staging, final = self.root / f"{name}{_TMP_SUFFIX}", self.root / name
             if self.run is not None:
-                write_run_config(partial, self.run)
+                write_run_config(staging, self.run)
             shutil.rmtree(final, ignore_errors=True)
-            os.replace(partial, final)
+            os.replace(staging, final)
             _write_atomically(self.root / LATEST, name)
             self._prune()
         _barrier()
-        return final
 
     def _prune(self) -> None:
         complete = sorted(p for p in self.root.glob("step_*") if not p.name.endswith(_TMP_SUFFIX))

@@ -95,9 +95,9 @@ class Trainer:
         if tokenizer.vocab_size > run.model.vocab_size:
             raise ConfigError(f"model.vocab_size ({run.model.vocab_size}) is smaller than the "
                               f"tokenizer's vocabulary ({tokenizer.vocab_size})")
-        if self.is_logger:
-            ensure_prepared(run.data, tokenizer)
-        dist.barrier()
+        # A world of one tokenizes what is missing; a larger one only checks, on every rank (no
+        # rank waits on another's tokenizing): train.py and launch/submit.py refuse it earlier.
+        ensure_prepared(run.data, tokenizer, build=dist.get_world_size() == 1)
         train_samples, valid_samples = dataset_sizes(train)
         self.train_data, self.valid_data = build_datasets(
             run.data, tokenizer, seq_length=run.model.seq_length, seed=train.seed,
@@ -108,7 +108,7 @@ class Trainer:
         self.ddp_model = megatron_compat.wrap_data_parallel(
             self.model, run.parallel.use_distributed_optimizer)
         self.optimizer, self.scheduler = build_optimizer(run, [self.ddp_model], self.dtype)
-        self.checkpointer = Checkpointer(train.run_dir, train.keep_last, run)
+        self.checkpointer = Checkpointer(train.run_dir, train.keep_last, run, train.async_save)
         self.state = TrainState()
         self.checkpointer.clean_incomplete()
         latest = self.checkpointer.latest() if train.resume else None
@@ -207,6 +207,7 @@ class Trainer:
             stop_at = min(stop_at, self.state.step + train.exit_after_steps)
         self.saved_step = self.state.step
         while self.state.step < stop_at:
+            self.checkpointer.finish_pending(blocking=False)   # commit a save whose writes ended
             signal_name = stop.agreed(megatron_compat.device())
             if signal_name:
                 if self.saved_step != self.state.step:
@@ -232,6 +233,7 @@ class Trainer:
                 self.throughput.restart()
             if step % train.save_interval == 0 or step == stop_at:
                 self.save()
+        self.checkpointer.finish_pending()   # the last save is complete before the run ends
         if logger:
             logger.close()
         return last
