@@ -125,6 +125,8 @@ class TrainConfig:
     adam_beta2: float = 0.95
     grad_clip: float = 1.0
     precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 on GPU, fp32 on CPU
+    # megatron's layer implementation: auto = Transformer Engine where it imports, else local
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
     log_interval: int = 10
     eval_interval: int = 100
     eval_iters: int = 4

@@ -170,7 +170,7 @@ class Checkpointer:
             loaded = dist_checkpointing.load(template, str(path))
         except Exception as err:  # dist_checkpointing raises many kinds; say which checkpoint
             raise CheckpointError(f"cannot load checkpoint {path}: {err}") from err
-        model.load_state_dict(loaded["model"])
+        megatron_compat.load_model_state(model, loaded["model"])
         scheduler.mark_saved_value_groups(loaded["optimizer"])  # before the optimizer reads them
         megatron_compat.optimizer_load_state_dict(optimizer, loaded["optimizer"])
         scheduler.load_state_dict(loaded["scheduler"])  # the step; the schedule is the config's
@@ -187,7 +187,7 @@ def load_model_weights(path: Path, model) -> None:
             {"model": megatron_compat.model_sharded_state_dict(model)}, str(path))
     except Exception as err:  # dist_checkpointing raises many kinds; say which checkpoint
         raise CheckpointError(f"cannot load the model weights of {path}: {err}") from err
-    model.load_state_dict(loaded["model"])
+    megatron_compat.load_model_state(model, loaded["model"])
 
 
 def save_model_weights(path: Path, model, run: RunConfig) -> None:

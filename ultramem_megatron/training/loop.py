@@ -2,6 +2,7 @@
 metrics and checkpoints."""
 
 import os
+from dataclasses import replace
 from functools import partial
 from typing import Iterator, Optional
 
@@ -16,6 +17,7 @@ from ..data.loader import build_datasets, dataset_sizes, iterate_batches, valida
 from ..data.prepare import ensure_prepared
 from ..data.tokenizer import load_tokenizer
 from ..model import MemoryGPT, build_model
+from ..model.capabilities import Capabilities
 from ..model.stats import model_stats
 from .checkpoint import (Checkpointer, TrainState, load_model_weights, read_run_config,
                          resolve_checkpoint)
@@ -30,6 +32,17 @@ def training_dtype(run: RunConfig) -> torch.dtype:
     if precision == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def machine_capabilities(run: RunConfig) -> Capabilities:
+    """What this machine offers, narrowed by train.transformer_impl; asking for Transformer
+    Engine where it does not import is a config error."""
+    caps = Capabilities.detect()
+    impl = run.train.transformer_impl
+    if impl == "transformer_engine" and not caps.transformer_engine:
+        raise ConfigError("train.transformer_impl=transformer_engine, but Transformer Engine "
+                          "does not import here (auto or local use megatron's local layers)")
+    return replace(caps, transformer_engine=False) if impl == "local" else caps
 
 
 def _loss_func(model: MemoryGPT, loss_mask: torch.Tensor, output: torch.Tensor):
@@ -79,6 +92,7 @@ class Trainer:
         if world_error:
             raise ConfigError(world_error)
         init_from = _check_init_from(run) if train.init_from else None
+        self.capabilities = machine_capabilities(run)
         megatron_compat.initialize_distributed(run.parallel.tensor_model_parallel_size, train.seed,
                                                run.parallel.memory_parallel_size,
                                                train.collective_timeout_s)
@@ -104,7 +118,11 @@ class Trainer:
             train_samples=train_samples, valid_samples=valid_samples)
 
         self.dtype = training_dtype(run)
-        self.model = build_model(run.model, run.parallel, self.dtype)
+        self.model = build_model(run.model, run.parallel, self.dtype, self.capabilities)
+        if self.is_logger:
+            print(f"{run.model.family} model, {str(self.dtype).removeprefix('torch.')}, "
+                  f"{'Transformer Engine' if self.capabilities.transformer_engine else 'local'} "
+                  f"layers; {self.capabilities.describe()}", flush=True)
         self.ddp_model = megatron_compat.wrap_data_parallel(
             self.model, run.parallel.use_distributed_optimizer)
         self.optimizer, self.scheduler = build_optimizer(run, [self.ddp_model], self.dtype)
