@@ -19,6 +19,8 @@ MEMORY_TESTS = ["tests/memory"]
 LAYER_TESTS = ["tests/parallel/test_sharded_layer.py"]
 TRAINING_TESTS = ["tests/parallel/test_parallel_training.py", "-k", "p2-value"]
 EXPORT_TESTS = ["tests/export/test_export.py"]
+SYNC_TESTS = ["tests/parallel/test_host_sync.py", "-m", "not slow"]
+ROW_SYNC_TESTS = ["tests/parallel/test_host_sync.py", "-m", "slow"]
 
 # name -> (file, exact text to replace, replacement[, tests]). Each mimics a bug seen in the wild
 # or one easy to write; tests default to MEMORY_TESTS.
@@ -52,7 +54,7 @@ MUTATIONS = {
     ),
     "every core scales the whole value (no multi-core chunks)": (
         "ultramem_megatron/memory/lookup.py",
-        "    weight = scores[:, torch.tensor(piece_core, device=scores.device)].flatten()",
+        "    weight = scores[:, piece_core].flatten()",
         "    weight = scores.sum(-1, keepdim=True).expand(-1, pieces).flatten()",
     ),
     "physical row taken as slot // N (swapped with group)": (
@@ -62,8 +64,45 @@ MUTATIONS = {
     ),
     "aux loss penalizes the leading singular value too": (
         "ultramem_megatron/memory/retrieval.py",
-        "singular[:, 1:] - margin",
-        "singular - margin",
+        '    excess = F.relu(singular[:, 1:] - margin)  # [h, r-1]\n'
+        '    scale = weight / (rank - 1)\n'
+        '    penalty = scale * excess.pow(2).sum(-1).mean()\n'
+        '    grad = torch.einsum("hri,hi,his->hrs", left[:, :, 1:], 2 * scale / heads * excess,\n'
+        '                        right_t[:, 1:, :])\n',
+        '    excess = F.relu(singular - margin)\n'
+        '    scale = weight / (rank - 1)\n'
+        '    penalty = scale * excess.pow(2).sum(-1).mean()\n'
+        '    grad = torch.einsum("hri,hi,his->hrs", left, 2 * scale / heads * excess, right_t)\n',
+    ),
+    "retrieval in the parameter dtype (bf16 scores and top-k)": (
+        "ultramem_megatron/memory/selection.py",
+        "    return x.to(selection_dtype(x.dtype))",
+        "    return x",
+    ),
+    "aux-loss cache never written back (stale penalty and gradient)": (
+        "ultramem_megatron/memory/retrieval.py",
+        "            self._aux_cache = (self._cores_key(), penalty.to(device), grad.to(device))",
+        "            self._aux_cache = self._aux_cache or (self._cores_key(), penalty.to(device),\n"
+        "                                                  grad.to(device))",
+    ),
+    "host sync: Tucker aux loss by an SVD in every forward": (
+        "ultramem_megatron/memory/retrieval.py",
+        "        if self._aux_cache is None or self._aux_cache[0] != self._cores_key():",
+        "        if True:",
+        SYNC_TESTS,
+    ),
+    "host sync: bag offsets from bincount": (
+        "ultramem_megatron/memory/lookup.py",
+        "    offsets = torch.searchsorted(sorted_bag, torch.arange(num_bags * pieces, device=rows.device))",
+        "    counts = torch.bincount(bag_piece, minlength=num_bags * pieces)\n"
+        "    offsets = counts.cumsum(0) - counts",
+        SYNC_TESTS,
+    ),
+    "host sync: row mode repeat_interleave without output_size": (
+        "ultramem_megatron/parallel/sharded_values.py",
+        "counts_from[:, 0], output_size=sum(items_in))",
+        "counts_from[:, 0])",
+        ROW_SYNC_TESTS,
     ),
     "TP ranks do not sum the scores' gradient (each sees its columns only)": (
         "ultramem_megatron/parallel/sharded_values.py",
@@ -140,7 +179,7 @@ def run_mutation(name: str) -> tuple[int, str]:
     tests = tests[0] if tests else MEMORY_TESTS
     with tempfile.TemporaryDirectory() as scratch:
         copy = Path(scratch) / "repo"
-        shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "__pycache__"))
+        shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".venv*", ".git", "runs", "__pycache__"))
         source = (copy / path).read_text()
         if old not in source:
             raise SystemExit(f"mutation {name!r}: anchor text not found in {path}; update this script")

@@ -1,9 +1,12 @@
-"""TDQKR against brute force over the full key grid, the rank-1 filter, and the Tucker aux loss."""
+"""TDQKR against brute force over the full key grid, the rank-1 filter, and the Tucker aux loss
+(direct and as cached by the layer)."""
 
 import pytest
 import torch
 
-from ultramem_megatron.memory.retrieval import rank1_filter, tucker_aux_loss
+from ultramem_megatron.memory import UltraMemConfig
+from ultramem_megatron.memory import retrieval as retrieval_module
+from ultramem_megatron.memory.retrieval import TuckerRetrieval, rank1_filter, tucker_aux_loss
 from ultramem_megatron.memory.selection import two_phase_topk
 
 TOKENS, HEADS, KEYS, RANK, CORES = 6, 2, 24, 2, 2
@@ -162,3 +165,54 @@ def test_aux_loss_value_and_gradient_above_margin(singular):
     expected_grad = left @ torch.diag(coef) @ right.transpose(-1, -2) / HEADS
     for c in range(CORES):
         torch.testing.assert_close(cores.grad[c], expected_grad)
+
+
+def direct_aux_loss(cores, alpha, tau):
+    """The aux loss by autograd through a float64 svdvals: the independent reference."""
+    singular = torch.linalg.svdvals(cores.sum(0))
+    return alpha / (cores.shape[-1] - 1) * (singular[:, 1:] - tau).clamp(min=0).pow(2).sum(-1).mean()
+
+
+def test_cached_aux_loss_equals_direct_svd_after_parameter_changes(monkeypatch):
+    """The layer's aux loss is a surrogate of the penalty cached at refresh_rank1(): its value
+    and gradient equal the direct formula's after optimizer steps (refreshed), after an in-place
+    change without a refresh, and after load_state_dict (both recomputed lazily); the forward
+    computes no SVD when the cache is fresh."""
+    alpha, tau = 0.5, 0.15
+    cfg = UltraMemConfig(num_keys=4, key_dim=8, topk=2, tucker_rank=3, num_heads=2,
+                         num_cores=3, aux_loss_weight=alpha, aux_loss_margin=tau)
+    retrieval = TuckerRetrieval(cfg, hidden_size=8, dtype=torch.float64)
+    with torch.no_grad():
+        retrieval.cores.copy_(torch.randn_like(retrieval.cores))
+    svd_calls = []
+    original = retrieval_module.core_sum_svd
+    monkeypatch.setattr(retrieval_module, "core_sum_svd",
+                        lambda cores: svd_calls.append(1) or original(cores))
+    optimizer = torch.optim.SGD([retrieval.cores], lr=0.3)
+
+    def check(expected_svds):
+        svd_calls.clear()
+        retrieval.cores.grad = None
+        loss = retrieval.aux_loss()
+        loss.backward()
+        assert len(svd_calls) == expected_svds
+        reference_cores = retrieval.cores.detach().clone().requires_grad_(True)
+        reference = direct_aux_loss(reference_cores, alpha, tau)
+        reference.backward()
+        assert reference.item() > 1e-3  # the penalty is active
+        assert loss.item() == pytest.approx(reference.item(), rel=1e-12)
+        torch.testing.assert_close(retrieval.cores.grad, reference_cores.grad, rtol=1e-10,
+                                   atol=1e-14)
+
+    check(expected_svds=1)  # never cached: computed on first use
+    check(expected_svds=0)
+    for _ in range(3):  # training: step, refresh, forward without an SVD
+        optimizer.step()
+        retrieval.refresh_rank1()
+        check(expected_svds=0)
+    optimizer.step()  # in-place change, no refresh: the version counter sees it
+    check(expected_svds=1)
+    state = {k: v + 0.1 * torch.randn_like(v) if k == "cores" else v
+             for k, v in retrieval.state_dict().items()}
+    retrieval.load_state_dict(state)
+    check(expected_svds=1)

@@ -16,12 +16,14 @@ from torch import nn
 from .config import UltraMemConfig
 from .init import init_ultramem
 from .retrieval import TuckerRetrieval
+from .selection import upcast
 from .value_lr import mark_value_param
 from .values import ImplicitValueExpansion
 
 
 class CausalDepthwiseConv(nn.Module):
-    """Depthwise convolution over the sequence axis that sees only the past; identity at init."""
+    """Depthwise convolution over the sequence axis that sees only the past; identity at init.
+    It feeds the query alone, so it runs in fp32 like the rest of the retrieval."""
 
     def __init__(self, channels: int, kernel: int, dtype: torch.dtype, device=None):
         super().__init__()
@@ -31,8 +33,9 @@ class CausalDepthwiseConv(nn.Module):
         self.weight = nn.Parameter(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [s, b, D] -> [s, b, D]."""
-        y = F.conv1d(F.pad(x.permute(1, 2, 0), (self.kernel - 1, 0)), self.weight,
+        """x [s, b, D] -> [s, b, D] in fp32 (float64 stays float64)."""
+        x = upcast(x)
+        y = F.conv1d(F.pad(x.permute(1, 2, 0), (self.kernel - 1, 0)), self.weight.to(x.dtype),
                      groups=x.shape[-1])  # [b, D, s]
         return y.permute(2, 0, 1)
 

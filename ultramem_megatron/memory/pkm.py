@@ -13,7 +13,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
 from .config import PKMConfig
-from .selection import product_key_topk
+from .selection import batch_normed, product_key_scores, product_key_topk, upcast
 from .value_lr import mark_value_param
 
 
@@ -58,16 +58,17 @@ class ProductKeyMemory(MegatronModule):
         return lambda: result
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query, scores, top-k and softmax in fp32 whatever the parameter dtype; the lookup
+        reads the table in its dtype (embedding_bag sums in fp32, see lookup.py)."""
         seq, batch, width = hidden.shape
         tokens, heads, half = seq * batch, self.pkm.num_heads, self.keys.shape[-1]
-        query = self.query_bn(self.query_proj(hidden.reshape(tokens, width)))
-        query = query.view(tokens, heads, 2, half)
-        s_first = torch.einsum("thq,hnq->thn", query[:, :, 0], self.keys[:, 0])
-        s_second = torch.einsum("thq,hnq->thn", query[:, :, 1], self.keys[:, 1])
+        x = upcast(hidden.reshape(tokens, width))
+        query = batch_normed(self.query_bn, F.linear(x, self.query_proj.weight.to(x.dtype)))
+        s_first, s_second = product_key_scores(query.view(tokens, heads, 2, half), self.keys)
         rows, scores = product_key_topk(s_first, s_second, self.pkm.topk)  # [t, h, k]
         if self.training:
             self.rows_hit_mask[rows.flatten()] = True
-        weights = F.softmax(scores.float(), dim=-1).to(scores.dtype)
+        weights = F.softmax(scores, dim=-1).to(self.values.dtype)
         out = F.embedding_bag(rows.view(tokens, -1), self.values, mode="sum",
                               per_sample_weights=weights.view(tokens, -1))  # heads summed
-        return out.view(seq, batch, width), hidden.new_zeros(())
+        return out.view(seq, batch, width), hidden.new_zeros((), dtype=torch.float32)

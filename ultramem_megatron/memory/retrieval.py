@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import UltraMemConfig
-from .selection import tucker_key_scores, two_phase_topk
+from .selection import (selection_dtype, tucker_key_scores, tucker_keys, tucker_query,
+                        two_phase_topk, upcast)
 
 
 def make_norm(kind: str, width: int, dtype: torch.dtype, device=None) -> nn.Module:
@@ -22,33 +23,76 @@ def make_norm(kind: str, width: int, dtype: torch.dtype, device=None) -> nn.Modu
     return nn.RMSNorm(width, eps=1e-6, dtype=dtype, device=device)
 
 
-def rank1_filter(cores: torch.Tensor, prev_u: torch.Tensor, prev_t: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Leading singular vectors (u, t) [h, r] of sum_c C_c (fp32), signs aligned with the previous
-    (u, t): the pair is flipped when -(u, t) is closer in L1, so the filter never swaps halves."""
-    core_sum = cores.detach().float().sum(0)  # [h, r, s]
-    left, _, right_t = torch.linalg.svd(core_sum)
-    u, t = left[..., 0], right_t[..., 0, :]
-    prev_u, prev_t = prev_u.float(), prev_t.float()
+def core_sum_svd(cores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD of sum_c C_c per head on the host, in fp32 (float64 stays float64): the r x r
+    matrices are tiny and a device SVD synchronises anyway, so this is one device->host copy.
+    -> left [h, r, r], singular [h, r] (descending), right_t [h, s, s]."""
+    core_sum = cores.detach().to("cpu", selection_dtype(cores.dtype)).sum(0)  # [h, r, s]
+    return torch.linalg.svd(core_sum)
+
+
+def rank1_filter(cores: torch.Tensor, prev_u: torch.Tensor, prev_t: torch.Tensor,
+                 svd: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Leading singular vectors (u, t) [h, r] of sum_c C_c (fp32, on the host), signs
+    aligned with the previous (u, t): the pair is flipped when -(u, t) is closer in L1, so the
+    filter never swaps halves. `svd` is core_sum_svd(cores), when the caller has it already."""
+    left, _, right_t = svd if svd is not None else core_sum_svd(cores)
+    u, t = left[..., 0].float(), right_t[..., 0, :].float()
+    prev_u, prev_t = prev_u.detach().float().cpu(), prev_t.detach().float().cpu()
     keep = (u - prev_u).abs().sum(-1) + (t - prev_t).abs().sum(-1)
     flip = (u + prev_u).abs().sum(-1) + (t + prev_t).abs().sum(-1)
     sign = torch.where(flip < keep, -1.0, 1.0).unsqueeze(-1)
     return u * sign, t * sign
 
 
+def tucker_penalty(svd: tuple[torch.Tensor, ...], weight: float, margin: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """From the SVD of sum_c C_c: the penalty P = alpha/(r-1) * mean_h sum_{i>=2}
+    relu(sigma_i - tau)^2 [] and its gradient dP/d(sum_c C_c) [h, r, s] =
+    alpha/(r-1) * mean_h sum_{i>=2} 2 relu(sigma_i - tau) u_i v_i^T (d sigma_i = u_i^T dC v_i)."""
+    left, singular, right_t = svd
+    heads, rank = singular.shape
+    excess = F.relu(singular[:, 1:] - margin)  # [h, r-1]
+    scale = weight / (rank - 1)
+    penalty = scale * excess.pow(2).sum(-1).mean()
+    grad = torch.einsum("hri,hi,his->hrs", left[:, :, 1:], 2 * scale / heads * excess,
+                        right_t[:, 1:, :])
+    return penalty, grad
+
+
+def surrogate_aux_loss(cores: torch.Tensor, penalty: torch.Tensor, grad: torch.Tensor
+                       ) -> torch.Tensor:
+    """A scalar whose value is `penalty` and whose gradient w.r.t. every core C_c is `grad`
+    [h, r, s] (fp32): penalty + <sum_c C_c, G> - <sum_c C_c, G> with the second term detached.
+    No SVD here, so no host synchronisation in the forward or the backward."""
+    core_sum = upcast(cores).sum(0)  # [h, r, s]
+    grad = grad.to(core_sum.dtype)
+    linear = (core_sum * grad).sum() - (core_sum.detach() * grad).sum()  # exactly 0
+    return penalty.to(core_sum.dtype) + linear
+
+
 def tucker_aux_loss(cores: torch.Tensor, weight: float, margin: float) -> torch.Tensor:
-    """alpha/(r-1) * sum_{i>=2} relu(lambda_i - tau)^2 on sum_c C_c, averaged over heads."""
-    rank = cores.shape[-1]
-    if rank < 2 or weight == 0:
-        return cores.new_zeros(())
-    compute_dtype = torch.promote_types(cores.dtype, torch.float32)
-    singular = torch.linalg.svdvals(cores.to(compute_dtype).sum(0))  # [h, r], descending
-    penalty = F.relu(singular[:, 1:] - margin).pow(2).sum(-1).mean()
-    return (weight / (rank - 1) * penalty).to(cores.dtype)
+    """alpha/(r-1) * sum_{i>=2} relu(lambda_i - tau)^2 on sum_c C_c, averaged over heads, with its
+    exact gradient (fp32; float64 cores give float64). Computes the SVD now: a layer uses the
+    penalty cached at refresh_rank1() instead (TuckerRetrieval.aux_loss)."""
+    if cores.shape[-1] < 2 or weight == 0:
+        return cores.new_zeros((), dtype=selection_dtype(cores.dtype))
+    penalty, grad = tucker_penalty(core_sum_svd(cores), weight, margin)
+    return surrogate_aux_loss(cores, penalty.to(cores.device), grad.to(cores.device))
 
 
 class TuckerRetrieval(nn.Module):
-    """x [t, D] -> (virtual indices [t, h*m], per-core scores [t, h*m, c])."""
+    """x [t, D] -> (virtual indices [t, h*m], per-core scores [t, h*m, c]).
+
+    Query, keys, scores and both top-k run in fp32 whatever the parameter dtype (selection.py).
+    The cores change only at optimizer steps, so refresh_rank1() computes the one SVD of
+    sum_c C_c a step needs (on the host) for the rank-1 filter and the Tucker aux loss; the
+    forward then uses the cached penalty and gradient and never synchronises with the host.
+    The cache is keyed by the cores' version counter and storage: a change the key sees (init,
+    load_state_dict, an in-place optimizer update) recomputes it at the next forward (correct,
+    one host sync); writes through `.data`, as megatron's optimizers make, are not seen, which
+    is why refresh_rank1() must follow every optimizer step (as it must for (u, t)).
+    """
 
     def __init__(self, cfg: UltraMemConfig, hidden_size: int, dtype: torch.dtype = torch.float32,
                  device=None):
@@ -63,11 +107,12 @@ class TuckerRetrieval(nn.Module):
         # Rank-1 filter of sum_c C_c: non-trainable, refreshed by refresh_rank1() once per step.
         self.register_buffer("rank1_row", torch.zeros(heads, r, device=device))
         self.register_buffer("rank1_col", torch.zeros(heads, r, device=device))
+        self._aux_cache: tuple | None = None  # (cores key, penalty [], gradient [h, r, s])
 
     def key_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [t, D] -> row and column scores [t, h, n, r] (one query shared by all heads)."""
-        query = self.query_norm(self.query_proj(x).unflatten(-1, (2, -1)))  # [t, 2, k]
-        return tucker_key_scores(query, self.key_norm(self.keys.transpose(-1, -2)))
+        """x [t, D] -> row and column scores [t, h, n, r] in fp32 (one query for all heads)."""
+        query = tucker_query(x, self.query_proj.weight, self.query_norm)  # [t, 2, k]
+        return tucker_key_scores(query, tucker_keys(self.keys, self.key_norm))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s_row, s_col = self.key_scores(x)
@@ -79,10 +124,31 @@ class TuckerRetrieval(nn.Module):
 
     @torch.no_grad()
     def refresh_rank1(self) -> None:
-        """Recompute (u, t) from the current cores; call once per optimizer step."""
-        u, t = rank1_filter(self.cores, self.rank1_row, self.rank1_col)
+        """Recompute (u, t) and the aux-loss cache from the current cores; call once per
+        optimizer step. One device->host copy of sum_c C_c and one host->device copy back."""
+        svd = core_sum_svd(self.cores)
+        u, t = rank1_filter(self.cores, self.rank1_row, self.rank1_col, svd)
         self.rank1_row.copy_(u)
         self.rank1_col.copy_(t)
+        self._cache_penalty(svd)
+
+    def _cores_key(self) -> tuple:
+        cores = self.cores
+        return cores._version, cores.data_ptr(), cores.device, cores.dtype
+
+    def _has_aux(self) -> bool:
+        return self.cfg.tucker_rank >= 2 and self.cfg.aux_loss_weight != 0
+
+    def _cache_penalty(self, svd: tuple[torch.Tensor, ...]) -> None:
+        if self._has_aux():
+            penalty, grad = tucker_penalty(svd, self.cfg.aux_loss_weight, self.cfg.aux_loss_margin)
+            device = self.cores.device
+            self._aux_cache = (self._cores_key(), penalty.to(device), grad.to(device))
 
     def aux_loss(self) -> torch.Tensor:
-        return tucker_aux_loss(self.cores, self.cfg.aux_loss_weight, self.cfg.aux_loss_margin)
+        """The Tucker aux loss (fp32) from the cache; recomputed first if the cores changed."""
+        if not self._has_aux():
+            return self.cores.new_zeros((), dtype=selection_dtype(self.cores.dtype))
+        if self._aux_cache is None or self._aux_cache[0] != self._cores_key():
+            self._cache_penalty(core_sum_svd(self.cores))  # stale: one host sync
+        return surrogate_aux_loss(self.cores, *self._aux_cache[1:])

@@ -11,7 +11,8 @@ group (columns or rows); the communication of one memory layer, and its checkpoi
 #   -> pool this rank's w columns for every MP token [P*T, e, w] --all-to-all--> [T, e, P*w]
 #   -> out_proj (row-parallel over TP) [T, D] --all-reduce / reduce-scatter over TP--> output.
 # Row mode: items go to the rank owning their row (all-to-all), which returns one weighted partial
-#   sum per (token, group) it holds rows for (all-to-all); the sender adds them up.
+#   sum per (token, group) it holds rows for (all-to-all); the sender adds them up. The split
+#   sizes are read to the host once per forward; no other host synchronisation in either mode.
 # The last all-to-all is left in flight until the span's last block asks for the output.
 
 from typing import Callable
@@ -113,7 +114,13 @@ class ShardedValueExpansion(ImplicitValueExpansion):
 
     def _dispatch_rows(self, address: torch.Tensor, scores: torch.Tensor, pending
                        ) -> Callable[[], torch.Tensor]:
-        """row mode: send items to their rows' owners, get back one partial sum per bag."""
+        """row mode: send items to their rows' owners, get back one partial sum per bag.
+
+        all_to_all_single needs its split sizes on the host, so this mode makes exactly one
+        device->host copy per forward: the item and bag counts, sent and received, in one tensor
+        read once after the counts' exchange (megatron's MoE all-to-all token dispatcher does
+        the same). Everything else stays on the device; the backward reuses the host splits.
+        """
         size, group = self.layout.mp_size, parallel_state.get_expert_model_parallel_group()
         tokens, items, cores = scores.shape
         num_bags, width = tokens * self.expansion, self.values.shape[1]
@@ -126,30 +133,33 @@ class ShardedValueExpansion(ImplicitValueExpansion):
             return lambda: pooled.view(tokens, self.expansion, width)
 
         rows_per_rank = self.values.shape[0]
+        sorted_key, order = ((rows // rows_per_rank) * num_bags + bags).sort(stable=True)
+        rows, bags, item_scores = rows[order], bags[order], item_scores[order]  # by (owner, bag)
         owner = rows // rows_per_rank
-        order = (owner * num_bags + bags).argsort(stable=True)  # by (owner, bag)
-        owner, rows, bags, item_scores = owner[order], rows[order], bags[order], item_scores[order]
-        bag_keys, item_bag = torch.unique_consecutive(owner * num_bags + bags, return_inverse=True)
-        bags_to = torch.bincount(bag_keys // num_bags, minlength=size)          # [P]
-        items_to = torch.bincount(owner, minlength=size)                        # [P]
+        new_bag = torch.ones_like(sorted_key, dtype=torch.bool)
+        new_bag[1:] = sorted_key[1:] != sorted_key[:-1]
+        item_bag = new_bag.long().cumsum(0) - 1             # [i] its (owner, bag), in sent order
+        items_to = owner.new_zeros(size).scatter_add_(0, owner, torch.ones_like(owner))    # [P]
+        bags_to = owner.new_zeros(size).scatter_add_(0, owner, new_bag.long())           # [P]
         first_bag_of_owner = bags_to.cumsum(0) - bags_to
         local = torch.stack([rows - owner * rows_per_rank,
                              item_bag - first_bag_of_owner[owner]], dim=-1)     # [i, 2]
         counts = torch.stack([items_to, bags_to], dim=-1)                       # [P, 2]
         counts_from = torch.empty_like(counts)
         dist.all_to_all_single(counts_from, counts, group=group)
-        items_in, bags_in = counts_from[:, 0].tolist(), counts_from[:, 1].tolist()
-        items_out, bags_out = items_to.tolist(), bags_to.tolist()
+        # The one host sync: [sent, received] x [items, bags] x [P].
+        (items_out, bags_out), (items_in, bags_in) = (torch.stack([counts, counts_from])
+                                                      .transpose(1, 2).tolist())
 
         local_in = all_to_all_first_dim(local, group, items_in, items_out)          # [i', 2]
         scores_in = all_to_all_first_dim(item_scores, group, items_in, items_out)   # [i', c]
         sender = torch.repeat_interleave(torch.arange(size, device=rows.device),
-                                          counts_from[:, 0])
+                                          counts_from[:, 0], output_size=sum(items_in))
         first_bag_of_sender = counts_from[:, 1].cumsum(0) - counts_from[:, 1]
         partial = self._pool_local(local_in[:, 0], local_in[:, 1] + first_bag_of_sender[sender],
                                    scores_in, sum(bags_in))                          # [u', w]
         returned = all_to_all_first_dim(partial, group, bags_out, bags_in, pending)  # [u, w]
-        target = bag_keys % num_bags
+        target = bags.new_zeros(sum(bags_out)).scatter_(0, item_bag, bags)  # bag of each u
         return lambda: (returned.new_zeros(num_bags, width).index_add(0, target, returned)
                         .view(tokens, self.expansion, width))
 

@@ -23,7 +23,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .configuration_ultramem import UltraMemConfig
 from .memory_lookup import lookup_pool
-from .memory_selection import product_key_topk, tucker_key_scores, two_phase_topk
+from .memory_selection import (batch_normed, product_key_scores, product_key_topk,
+                               tucker_key_scores, tucker_keys, tucker_query, two_phase_topk,
+                               upcast)
 
 # transformers 5.2x calls the KV cache `cache`; earlier releases call it `past_key_values`.
 CACHE_FIELD = ("cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
@@ -151,22 +153,27 @@ class UltraMemMemory(nn.Module):
         self.out_proj = nn.Linear(self.expansion * value_dim, width, bias=False)
 
     def forward(self, x: torch.Tensor, history: Optional[torch.Tensor]) -> torch.Tensor:
-        """x [b, s, D]; history [b, <kernel, D]: earlier inputs, for the causal query conv."""
+        """x [b, s, D]; history [b, <kernel, D]: earlier inputs, for the causal query conv.
+        The query side (conv, projection, norms, scores, top-k) runs in fp32 whatever the
+        weights' dtype, as in training, so a bf16 export selects what training selects."""
         batch, seq, width = x.shape
+        query_in = x
         if self.kernel > 0:
             past = x.new_zeros(batch, self.kernel - 1, width)
             if history is not None and history.shape[1]:
                 past = torch.cat((past, history), dim=1)[:, -(self.kernel - 1):]
-            x = self.query_conv(torch.cat((past, x), dim=1).transpose(1, 2)).transpose(1, 2)
-        tokens = x.reshape(batch * seq, width)
-        query = self.query_norm(self.query_proj(tokens).unflatten(-1, (2, -1)))   # [t, 2, k]
-        s_row, s_col = tucker_key_scores(query, self.key_norm(self.keys.transpose(-1, -2)))
+            window = upcast(torch.cat((past, x), dim=1).transpose(1, 2))           # [b, D, s+K-1]
+            query_in = F.conv1d(window, self.query_conv.weight.to(window.dtype),
+                                groups=width).transpose(1, 2)
+        tokens = query_in.reshape(batch * seq, width)
+        query = tucker_query(tokens, self.query_proj.weight, self.query_norm)     # [t, 2, k]
+        s_row, s_col = tucker_key_scores(query, tucker_keys(self.keys, self.key_norm))
         virtual_idx, scores = two_phase_topk(s_row, s_col, self.cores, self.rank1_row,
                                              self.rank1_col, self.width, self.topk)
         slot = self.virtual_to_slot[virtual_idx.view(batch * seq, -1)].long()        # [t, k]
         pooled = lookup_pool(self.values, slot % self.num_values, slot // self.num_values,
                              scores.reshape(batch * seq, -1, self.cores.shape[0]),
-                             self.expansion)                                         # [t, e, w]
+                             self.expansion)                          # [t, e, w], values' dtype
         return self.out_proj(pooled.flatten(1)).view(batch, seq, -1)
 
 
@@ -185,12 +192,12 @@ class ProductKeyMemory(nn.Module):
 
     def forward(self, x: torch.Tensor, history: Optional[torch.Tensor] = None) -> torch.Tensor:
         batch, seq, width = x.shape
-        query = self.query_bn(self.query_proj(x.reshape(batch * seq, width)))
-        query = query.view(batch * seq, self.heads, 2, self.half)
-        s_first = torch.einsum("thq,hnq->thn", query[:, :, 0], self.keys[:, 0])
-        s_second = torch.einsum("thq,hnq->thn", query[:, :, 1], self.keys[:, 1])
+        flat = upcast(x.reshape(batch * seq, width))                              # fp32 query
+        query = batch_normed(self.query_bn, F.linear(flat, self.query_proj.weight.to(flat.dtype)))
+        s_first, s_second = product_key_scores(query.view(batch * seq, self.heads, 2, self.half),
+                                               self.keys)
         rows, scores = product_key_topk(s_first, s_second, self.topk)             # [t, h, k]
-        weights = F.softmax(scores.float(), dim=-1).to(scores.dtype)
+        weights = F.softmax(scores, dim=-1).to(self.values.dtype)
         out = F.embedding_bag(rows.view(batch * seq, -1), self.values, mode="sum",
                               per_sample_weights=weights.view(batch * seq, -1))
         return out.view(batch, seq, width)
