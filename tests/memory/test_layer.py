@@ -156,3 +156,23 @@ def test_default_value_dim_is_half_hidden_and_must_split_over_cores():
     assert tiny_layer(value_dim=None).values.values.shape == (16, 8)
     with pytest.raises(MemoryConfigError, match="value_dim"):
         UltraMemConfig(num_keys=4, key_dim=8, topk=2, num_cores=3).resolved_value_dim(16)
+
+
+def test_aux_loss_cache_is_fresh_after_init_and_reset(monkeypatch):
+    """init and reset_parameters end with refresh_rank1(), so the first forward computes no SVD
+    and returns the direct aux loss of the new cores."""
+    from ultramem_megatron.memory import retrieval as retrieval_module
+
+    layer = tiny_layer(torch.float64, aux_loss_weight=1.0, aux_loss_margin=0.0)
+    calls = []
+    original = retrieval_module.core_sum_svd
+    monkeypatch.setattr(retrieval_module, "core_sum_svd",
+                        lambda cores: calls.append(1) or original(cores))
+    for generator in (None, torch.Generator().manual_seed(3)):
+        if generator is not None:
+            layer.reset_parameters(generator)
+            calls.clear()
+        _, aux = layer(torch.randn(3, 2, 16, dtype=torch.float64))
+        assert calls == []
+        direct = retrieval_module.tucker_aux_loss(layer.retrieval.cores, 1.0, 0.0)
+        assert aux.item() == pytest.approx(direct.item(), rel=1e-12) and direct.item() > 0
