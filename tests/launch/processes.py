@@ -14,17 +14,24 @@ from tests.conftest import subprocess_env
 from tests.training.conftest import ROOT
 
 
+def _rank(process: psutil.Process):
+    """The RANK of a train.py process (None for anything else, torchrun included)."""
+    if not any(part.endswith("train.py") for part in process.cmdline()):
+        return None
+    return process.environ().get("RANK")
+
+
 def rank_pids(launcher_pid: int, world_size: int = 2, timeout: float = 60) -> list[int]:
-    """PIDs of the train.py processes below launcher_pid, ordered by their RANK variable."""
+    """PIDs of the train.py processes below launcher_pid, ordered by their RANK variable. Not
+    their forked checkpoint writers, which have the same command line and environment."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         ranks = {}
         for child in psutil.Process(launcher_pid).children(recursive=True):
             try:
-                if any(part.endswith("train.py") for part in child.cmdline()):
-                    rank = child.environ().get("RANK")
-                    if rank is not None:
-                        ranks[int(rank)] = child.pid
+                rank = _rank(child)
+                if rank is not None and _rank(child.parent()) is None:
+                    ranks[int(rank)] = child.pid
             except psutil.Error:
                 continue
         if len(ranks) == world_size:

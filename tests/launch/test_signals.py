@@ -15,7 +15,8 @@ from tests.parallel.test_parallel_training import torchrun
 from tests.training.conftest import SMALL, losses, train
 
 pytestmark = pytest.mark.slow
-STEPS = ["train.max_steps=14", "train.save_interval=1000"]
+# Async saves every 2 steps: the stop comes with a periodic save in flight or just committed.
+STEPS = ["train.max_steps=14", "train.save_interval=2"]
 ENV = {"OMP_NUM_THREADS": "1"}
 
 
@@ -36,6 +37,9 @@ def test_stop_signal_to_one_rank_checkpoints_all_and_resume_matches(tmp_path):
     stopped_at = int(output.split("stopped by SIGUSR1 at step ")[1].split()[0])
     assert 3 <= stopped_at < 14
     assert (interrupted / "checkpoints" / f"step_{stopped_at:07d}").is_dir()
+    # every pending save finished before exit: the stop's checkpoint is marked, none half-written
+    assert (interrupted / "checkpoints" / "latest").read_text() == f"step_{stopped_at:07d}"
+    assert not list((interrupted / "checkpoints").glob("*.tmp"))
 
     resumed = train(interrupted, *STEPS, python=torchrun(2), env=ENV)
     assert f"resumed from {interrupted / 'checkpoints' / f'step_{stopped_at:07d}'}" in resumed.stdout

@@ -63,6 +63,7 @@ def test_kill_during_save_resumes_from_previous_complete_checkpoint(tmp_path, st
     killed = train(run_dir, f"train.max_steps={STEPS}", "train.save_interval=2", check=False,
                    python=[sys.executable, str(wrapper)])
     assert killed.returncode == -9, killed.stderr[-2000:]
+    assert 5 in losses(run_dir)   # step 5 trained while step 4's files were being written
     checkpoints = run_dir / "checkpoints"
     assert (checkpoints / "latest").read_text() == "step_0000002"
     assert (checkpoints / "step_0000004.tmp" / "metadata.json").is_file()   # written, uncommitted
