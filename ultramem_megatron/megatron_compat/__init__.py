@@ -1,0 +1,34 @@
+"""The one place that reaches into megatron-core internals, including its CPU compatibility shims."""
+
+# megatron-core hard-codes torch.cuda in many places: cpu.py makes the parts we use run on a
+# CPU-only machine (a no-op when CUDA is available). distributed.py sets up process groups and
+# wraps models, layers.py builds megatron layers from specs, checkpoints.py holds everything
+# dist_checkpointing needs. The rest of the package imports from here only. Tested on
+# megatron-core 0.16.1 (Python 3.11) and 0.19.2 (Python 3.12); attributes that differ between
+# versions are looked up with hasattr/getattr, and each version-specific branch says which
+# versions take it.
+
+from .checkpoints import (async_save_queue, drop_extra_state, load_model_state,
+                          model_sharded_state_dict, optimizer_load_state_dict,
+                          optimizer_sharded_state_dict, rename_sharded_keys, rng_tracker_states,
+                          set_rng_tracker_states, start_async_save)
+from .cpu import apply_cpu_patches, enter_cpu_device_mode
+from .distributed import (_init_process_group, average_grads_over_tp, destroy_distributed, device,
+                          initialize_distributed, initialize_single_process, local_device_index,
+                          wrap_data_parallel, wrap_float16)
+from .layers import (build_dense_mlp, build_ffn, build_moe_layer, canonical_norm_keys,
+                     fused_rope_available, param_key, standard_param_group_overrides,
+                     transformer_engine_available, unfuse_pre_mlp_norm,
+                     use_sequence_parallel_norms)
+
+__all__ = [
+    "apply_cpu_patches", "async_save_queue", "average_grads_over_tp", "build_dense_mlp",
+    "build_ffn", "build_moe_layer", "canonical_norm_keys", "destroy_distributed", "device",
+    "drop_extra_state", "enter_cpu_device_mode", "fused_rope_available", "initialize_distributed",
+    "initialize_single_process", "load_model_state", "local_device_index",
+    "model_sharded_state_dict", "optimizer_load_state_dict", "optimizer_sharded_state_dict",
+    "param_key", "rename_sharded_keys", "rng_tracker_states", "set_rng_tracker_states",
+    "standard_param_group_overrides", "start_async_save", "transformer_engine_available",
+    "unfuse_pre_mlp_norm", "use_sequence_parallel_norms", "wrap_data_parallel", "wrap_float16",
+    "_init_process_group",
+]
