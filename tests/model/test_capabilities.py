@@ -115,3 +115,40 @@ def test_transformer_impl_narrows_the_capabilities(impl):
             machine_capabilities(run)
         return
     assert machine_capabilities(run).transformer_engine is (TE and impl != "local")
+
+
+def test_detect_finds_kernels_that_import(monkeypatch):
+    """The detection's found-it branches: with CUDA simulated and stand-in modules for apex's
+    kernels, flash-attn and torch's Triton check, every capability they gate is reported (and
+    none of them without CUDA)."""
+    import sys
+    import types
+
+    import torch.utils._triton
+
+    for name in ("scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda",
+                 "scaled_softmax_cuda", "fused_weight_gradient_mlp_cuda", "flash_attn"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
+    for cuda in (True, False):
+        with mock.patch("torch.cuda.is_available", return_value=cuda):
+            caps = Capabilities.detect()
+        assert (caps.triton, caps.softmax_kernels, caps.grad_accum_kernel,
+                caps.flash_attention) == (cuda,) * 4
+    fusions = choose_fusions(load_config(ROOT / "configs/tiny.yaml").model, caps)
+    assert not fusions.masked_softmax_fusion   # the last caps: no CUDA
+    with mock.patch("torch.cuda.is_available", return_value=True):
+        fusions = choose_fusions(load_config(ROOT / "configs/tiny.yaml").model)
+    assert fusions.masked_softmax_fusion and fusions.gradient_accumulation_fusion
+    assert fusions.bias_dropout_fusion
+
+
+def test_a_failing_triton_probe_means_no_triton(monkeypatch):
+    import torch.utils._triton
+
+    def broken():
+        raise TypeError("list indices must be integers")   # as torch raises under fake CUDA
+
+    monkeypatch.setattr(torch.utils._triton, "has_triton", broken)
+    with mock.patch("torch.cuda.is_available", return_value=True):
+        assert not Capabilities.detect().triton

@@ -93,3 +93,27 @@ def test_te_checkpoint_loads_into_the_local_model(tmp_path):
     assert len(tensors) > 20
     for key in tensors:
         assert torch.equal(written[key], read[key]), key
+
+
+def test_te_span_start_unfused_norm_saves_under_the_fused_name():
+    """The TE branch of a span's first block, run without TE (megatron's TE extension imports
+    with placeholder classes): a TE-shaped layer (pre-FFN norm fused into fc1, IdentityOp in its
+    place) gets a TENorm of its own and a plain TE fc1, and its norm still saves as
+    'mlp.linear_fc1.layer_norm_*', the key the fused layer has."""
+    import copy
+
+    from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TENorm
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    layer = copy.deepcopy(get_gpt_layer_local_spec())
+    layer.submodules.pre_mlp_layernorm = IdentityOp            # as TE's spec has it
+    layer.submodules.sharded_state_dict_keys_map = {}
+    megatron_compat.unfuse_pre_mlp_norm(layer)
+    megatron_compat.canonical_norm_keys(layer, moe=False)
+    mlp = layer.submodules.mlp
+    fc1 = (mlp.keywords["submodules"] if hasattr(mlp, "keywords") else mlp.submodules).linear_fc1
+    assert layer.submodules.pre_mlp_layernorm is TENorm and fc1 is TEColumnParallelLinear
+    keys = layer.submodules.sharded_state_dict_keys_map
+    assert keys["pre_mlp_layernorm."] == "mlp.linear_fc1.layer_norm_"
+    assert keys["input_layernorm."] == "self_attention.linear_qkv.layer_norm_"
