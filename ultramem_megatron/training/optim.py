@@ -122,8 +122,7 @@ def build_optimizer(run: RunConfig, model_chunks: list, dtype: torch.dtype):
     """-> (megatron optimizer, ValueLRScheduler). Value tables get their own param group (weight
     decay as everything else, as in the released code); norms and biases get no weight decay."""
     config = optimizer_config(run, dtype)
-    memory = run.model.ultramem if run.model.family == "ultramem" else None
-    start_mult = memory.value_lr_start_mult if memory else 1.0
+    start_mult, _ = value_lr_settings(run)
     overrides = megatron_compat.standard_param_group_overrides(config)
     if start_mult != 1.0:
         overrides[megatron_compat.param_key(attr=VALUE_PARAM_ATTR)] = {VALUE_GROUP_KEY: start_mult}
@@ -131,14 +130,20 @@ def build_optimizer(run: RunConfig, model_chunks: list, dtype: torch.dtype):
     return optimizer, build_scheduler(run, optimizer)
 
 
+def value_lr_settings(run: RunConfig) -> tuple[float, float]:
+    """(start multiplier, decay fraction) of the value-LR schedule; (1, 1) without UltraMem."""
+    if run.model.family != "ultramem":
+        return 1.0, 1.0
+    return run.model.ultramem.value_lr_start_mult, run.model.ultramem.value_lr_decay_fraction
+
+
 def build_scheduler(run: RunConfig, optimizer) -> ValueLRScheduler:
     """Warmup + cosine over train.max_steps, constant weight decay, the value-LR multiplier."""
     train, steps = run.train, run.train.max_steps
-    memory = run.model.ultramem if run.model.family == "ultramem" else None
+    start_mult, decay_fraction = value_lr_settings(run)
     return ValueLRScheduler(
         optimizer, init_lr=0.0, max_lr=train.lr, min_lr=train.lr * train.min_lr_ratio,
         lr_warmup_steps=int(train.warmup_fraction * steps), lr_decay_steps=steps,
         lr_decay_style="cosine", start_wd=train.weight_decay, end_wd=train.weight_decay,
         wd_incr_steps=steps, wd_incr_style="constant",
-        total_steps=steps, start_mult=memory.value_lr_start_mult if memory else 1.0,
-        decay_fraction=memory.value_lr_decay_fraction if memory else 1.0)
+        total_steps=steps, start_mult=start_mult, decay_fraction=decay_fraction)
