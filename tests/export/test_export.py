@@ -28,7 +28,7 @@ VARIANTS = {
     "pkm": ["model.family=pkm", "model.memory_spans=0:2"],
     "ultramem": ["model.family=ultramem", "model.memory_spans=0:1/2:3"],
     "ultramem-conv-layernorm": ["model.family=ultramem", "model.ultramem.query_conv_kernel=3",
-                                "model.ultramem.qk_norm=layernorm",
+                                "model.ultramem.qk_norm=layernorm", "model.ultramem.query_batchnorm=true",
                                 "model.ultramem.phase1_topk=24", "model.ultramem.expansion=9",
                                 "model.ultramem.num_cores=1", "model.ultramem.tucker_rank=3"],
 }

@@ -146,13 +146,14 @@ def train_step_then_count(layer, hidden: torch.Tensor, probe: torch.Tensor) -> l
 # ------------------------------------------------------------------------- single process
 
 
-def tiny_layer():
+def tiny_layer(**extra):
     from tests.conftest import transformer_config
     from ultramem_megatron.memory import UltraMemConfig, UltraMemLayer
 
     torch.manual_seed(0)
     memory = UltraMemConfig(num_keys=4, key_dim=8, topk=3, phase1_topk=4, value_dim=12,
-                            num_heads=2, num_cores=3, query_conv_kernel=2, aux_loss_margin=0.0)
+                            num_heads=2, num_cores=3, query_conv_kernel=2, aux_loss_margin=0.0,
+                            **extra)
     return UltraMemLayer(transformer_config(hidden_size=16), memory)
 
 
@@ -162,8 +163,10 @@ def run_tiny(layer) -> list:
                                  torch.randn(6, 2, 16, generator=generator))
 
 
-def test_single_device_layer_makes_no_host_sync():
-    assert run_tiny(tiny_layer()) == []
+@pytest.mark.parametrize("extra", [{}, {"query_batchnorm": True, "key_balance_weight": 0.1}])
+def test_single_device_layer_makes_no_host_sync(extra):
+    """Usage counting included (training mode); with the query BatchNorm and key balance too."""
+    assert run_tiny(tiny_layer(**extra)) == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -30,9 +30,11 @@ class UltraMemConfig:
     tucker_rank: int = 2               # r
     num_cores: int = 2                 # h: multi-core scoring
     qk_norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    query_batchnorm: bool = False      # standardise query channels over tokens before qk_norm
     query_conv_kernel: int = 0         # causal depthwise conv before the query; 0 = off
     aux_loss_weight: float = 0.001     # alpha of the Tucker aux loss
     aux_loss_margin: float = 0.15      # tau of the Tucker aux loss
+    key_balance_weight: float = 0.0    # beta of UltraMemV2's key-balance loss; 0 = off
     init: Literal["paper", "official"] = "paper"
     value_lr_start_mult: float = 10.0  # value LR multiplier at step 0, decays linearly to 1
     value_lr_decay_fraction: float = 1.0  # fraction of training over which it decays
@@ -62,6 +64,7 @@ class UltraMemConfig:
         _require(self.init in ("paper", "official"),
                  f"memory.init must be 'paper' or 'official', got {self.init!r}")
         _require(self.aux_loss_weight >= 0, "memory.aux_loss_weight must be >= 0")
+        _require(self.key_balance_weight >= 0, "memory.key_balance_weight must be >= 0")
         _require(self.value_lr_start_mult >= 1.0,
                  f"memory.value_lr_start_mult must be >= 1, got {self.value_lr_start_mult}")
         _require(0.0 < self.value_lr_decay_fraction <= 1.0,

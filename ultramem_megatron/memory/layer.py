@@ -17,6 +17,7 @@ from .config import UltraMemConfig
 from .init import init_ultramem
 from .retrieval import TuckerRetrieval
 from .selection import upcast
+from .usage import UsageTracker
 from .value_lr import mark_value_param
 from .values import ImplicitValueExpansion
 
@@ -69,6 +70,8 @@ class UltraMemLayer(MegatronModule):
         self.values = (build_module(values, *value_args) if values is not None
                        else ImplicitValueExpansion(*value_args))
         mark_value_param(self.values.values)
+        self.usage = UsageTracker(memory.num_values,
+                                  (memory.num_heads, 2, memory.keys_per_axis))
         self.reset_parameters()
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -78,12 +81,12 @@ class UltraMemLayer(MegatronModule):
     def refresh_rank1(self) -> None:
         self.retrieval.refresh_rank1()
 
-    def rows_hit(self) -> torch.Tensor:
-        """[N] bool: value rows read in training since the last reset_rows_hit()."""
-        return self.values.rows_hit
-
-    def reset_rows_hit(self) -> None:
-        self.values.rows_hit.zero_()
+    @torch.no_grad()
+    def weight_norms(self) -> dict[str, torch.Tensor]:
+        """Mean square of this rank's value slice and mean L2 norm of the raw key vectors."""
+        keys = self.retrieval.keys.detach().float()
+        return {"value_ms": self.values.values.detach().float().pow(2).mean(),
+                "key_norm": keys.norm(dim=-2).mean()}  # keys [h, 2, n, k, r]: norm over k
 
     def start(self, hidden: torch.Tensor) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
         """hidden [s, b, D] -> a function returning (output [s, b, D], aux loss). Retrieval runs
@@ -91,6 +94,7 @@ class UltraMemLayer(MegatronModule):
         seq, batch, width = hidden.shape
         query_input = self.query_conv(hidden) if self.query_conv is not None else hidden
         virtual_idx, core_scores = self.retrieval(query_input.reshape(seq * batch, width))
+        self._count_usage(virtual_idx, core_scores)
         pending = self.values.dispatch(virtual_idx, core_scores)  # -> [t, D]
         aux_loss = self.retrieval.aux_loss()
         if self.config.sequence_parallel:
@@ -99,6 +103,15 @@ class UltraMemLayer(MegatronModule):
             tp = self.config.tensor_model_parallel_size
             aux_loss = aux_loss.detach() + (aux_loss - aux_loss.detach()) / tp
         return lambda: (pending().view(seq, batch, width), aux_loss)
+
+    def _count_usage(self, virtual_idx: torch.Tensor, core_scores: torch.Tensor) -> None:
+        """virtual_idx [t, h*m]; core_scores [t, h*m, c] -> the usage tracker (training only)."""
+        if not self.training:
+            return
+        tokens, heads = virtual_idx.shape[0], self.memory.num_heads
+        self.usage.count_rows(self.values.locate(virtual_idx)[0])
+        self.usage.count_keys(virtual_idx.view(tokens, heads, -1), self.memory.keys_per_axis)
+        self.usage.add_top_score(core_scores.detach().sum(-1).view(tokens, heads, -1))
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.start(hidden)()

@@ -14,6 +14,7 @@ from torch import nn
 
 from .config import PKMConfig
 from .selection import batch_normed, product_key_scores, product_key_topk, upcast
+from .usage import UsageTracker
 from .value_lr import mark_value_param
 
 
@@ -30,8 +31,7 @@ class ProductKeyMemory(MegatronModule):
                          if pkm.query_batchnorm else nn.Identity())
         self.keys = nn.Parameter(torch.empty(pkm.num_heads, 2, pkm.num_keys, half, dtype=dtype))
         self.values = mark_value_param(nn.Parameter(torch.empty(pkm.num_values, hidden, dtype=dtype)))
-        self.register_buffer("rows_hit_mask", torch.zeros(pkm.num_values, dtype=torch.bool),
-                             persistent=False)
+        self.usage = UsageTracker(pkm.num_values, (pkm.num_heads, 2, pkm.num_keys))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -45,12 +45,11 @@ class ProductKeyMemory(MegatronModule):
     def refresh_rank1(self) -> None:
         """PKM has no rank-1 filter; present so every memory layer has one interface."""
 
-    def rows_hit(self) -> torch.Tensor:
-        """[N] bool: value rows read in training since the last reset_rows_hit()."""
-        return self.rows_hit_mask
-
-    def reset_rows_hit(self) -> None:
-        self.rows_hit_mask.zero_()
+    @torch.no_grad()
+    def weight_norms(self) -> dict[str, torch.Tensor]:
+        """Mean square of the value table and mean L2 norm of the sub-keys."""
+        return {"value_ms": self.values.detach().float().pow(2).mean(),
+                "key_norm": self.keys.detach().float().norm(dim=-1).mean()}
 
     def start(self, hidden: torch.Tensor) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
         """The skip-layer interface UltraMemLayer has: all work now, the result when called."""
@@ -66,8 +65,9 @@ class ProductKeyMemory(MegatronModule):
         query = batch_normed(self.query_bn, F.linear(x, self.query_proj.weight.to(x.dtype)))
         s_first, s_second = product_key_scores(query.view(tokens, heads, 2, half), self.keys)
         rows, scores = product_key_topk(s_first, s_second, self.pkm.topk)  # [t, h, k]
-        if self.training:
-            self.rows_hit_mask[rows.flatten()] = True
+        self.usage.count_rows(rows)
+        self.usage.count_keys(rows, self.pkm.num_keys)
+        self.usage.add_top_score(scores)
         weights = F.softmax(scores, dim=-1).to(self.values.dtype)
         out = F.embedding_bag(rows.view(tokens, -1), self.values, mode="sum",
                               per_sample_weights=weights.view(tokens, -1))  # heads summed

@@ -81,6 +81,25 @@ def tucker_aux_loss(cores: torch.Tensor, weight: float, margin: float) -> torch.
     return surrogate_aux_loss(cores, penalty.to(cores.device), grad.to(cores.device))
 
 
+def key_balance_loss(s_row: torch.Tensor, s_col: torch.Tensor, u: torch.Tensor, t: torch.Tensor,
+                     width: int) -> torch.Tensor:
+    """UltraMemV2's key balance, a Switch-style load-balancing loss on each axis's keys:
+    n * sum_a p_a f_a, with p the tokens' mean softmax of the rank-1 filter scores f = S u and
+    f_a the share of phase-1 selections key a got. 1 when both are uniform; averaged over heads
+    and summed over the row and column axes. s_row, s_col [t, h, n, r]; u, t [h, r] -> [] fp32."""
+    total = s_row.new_zeros(())
+    for scores, filter_vec in ((s_row, u), (s_col, t)):
+        tokens, heads, num_keys = scores.shape[:3]
+        f = torch.einsum("thar,hr->tha", scores, filter_vec.to(scores.dtype))  # [t, h, n]
+        prob = f.softmax(-1).mean(0)  # [h, n]
+        with torch.no_grad():
+            chosen = f.topk(width, -1).indices.transpose(0, 1).reshape(heads, -1)  # [h, t*w]
+            share = torch.zeros_like(prob).scatter_add_(
+                1, chosen, torch.ones_like(chosen, dtype=prob.dtype)) / (tokens * width)
+        total = total + num_keys * (prob * share).sum(-1).mean()
+    return total
+
+
 class TuckerRetrieval(nn.Module):
     """x [t, D] -> (virtual indices [t, h*m], per-core scores [t, h*m, c]).
 
@@ -100,6 +119,10 @@ class TuckerRetrieval(nn.Module):
         self.cfg = cfg
         heads, n, k, r = cfg.num_heads, cfg.keys_per_axis, cfg.key_dim, cfg.tucker_rank
         self.query_proj = nn.Linear(hidden_size, 2 * k, bias=False, dtype=dtype, device=device)
+        # Optional standardisation of the query channels over the tokens (no affine: a learnt
+        # bias would bring back the shared component it removes); fp32 statistics.
+        self.query_bn = (nn.BatchNorm1d(2 * k, affine=False, device=device)
+                         if cfg.query_batchnorm else None)
         self.query_norm = make_norm(cfg.qk_norm, k, dtype, device)  # shared by row and column
         self.key_norm = make_norm(cfg.qk_norm, k, dtype, device)
         self.keys = nn.Parameter(torch.empty(heads, 2, n, k, r, dtype=dtype, device=device))
@@ -108,14 +131,19 @@ class TuckerRetrieval(nn.Module):
         self.register_buffer("rank1_row", torch.zeros(heads, r, device=device))
         self.register_buffer("rank1_col", torch.zeros(heads, r, device=device))
         self._aux_cache: tuple | None = None  # (cores key, penalty [], gradient [h, r, s])
+        self._balance: torch.Tensor | None = None  # the last training forward's key balance
 
     def key_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [t, D] -> row and column scores [t, h, n, r] in fp32 (one query for all heads)."""
-        query = tucker_query(x, self.query_proj.weight, self.query_norm)  # [t, 2, k]
+        query = tucker_query(x, self.query_proj.weight, self.query_norm, self.query_bn)  # [t, 2, k]
         return tucker_key_scores(query, tucker_keys(self.keys, self.key_norm))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s_row, s_col = self.key_scores(x)
+        self._balance = None
+        if self.training and self.cfg.key_balance_weight > 0:
+            self._balance = self.cfg.key_balance_weight * key_balance_loss(
+                s_row, s_col, self.rank1_row, self.rank1_col, self.cfg.candidates_per_axis)
         virtual_idx, core_scores = two_phase_topk(
             s_row, s_col, self.cores, self.rank1_row, self.rank1_col,
             self.cfg.candidates_per_axis, self.cfg.topk)
@@ -146,9 +174,13 @@ class TuckerRetrieval(nn.Module):
             self._aux_cache = (self._cores_key(), penalty.to(device), grad.to(device))
 
     def aux_loss(self) -> torch.Tensor:
-        """The Tucker aux loss (fp32) from the cache; recomputed first if the cores changed."""
+        """The Tucker aux loss (fp32) from the cache, recomputed first if the cores changed,
+        plus the last training forward's key-balance loss when key_balance_weight > 0."""
+        balance = self._balance
         if not self._has_aux():
-            return self.cores.new_zeros((), dtype=selection_dtype(self.cores.dtype))
+            zero = self.cores.new_zeros((), dtype=selection_dtype(self.cores.dtype))
+            return zero if balance is None else zero + balance
         if self._aux_cache is None or self._aux_cache[0] != self._cores_key():
             self._cache_penalty(core_sum_svd(self.cores))  # stale: one host sync
-        return surrogate_aux_loss(self.cores, *self._aux_cache[1:])
+        tucker = surrogate_aux_loss(self.cores, *self._aux_cache[1:])
+        return tucker if balance is None else tucker + balance

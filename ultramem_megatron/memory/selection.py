@@ -37,10 +37,16 @@ def normed(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, norm.normalized_shape, weight, norm.eps)
 
 
-def tucker_query(x: torch.Tensor, proj_weight: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """x [t, D] -> normed row / column query [t, 2, k] in fp32 (proj_weight [2k, D], no bias)."""
+def tucker_query(x: torch.Tensor, proj_weight: torch.Tensor, norm: nn.Module,
+                 centring: nn.Module | None = None) -> torch.Tensor:
+    """x [t, D] -> normed row / column query [t, 2, k] in fp32 (proj_weight [2k, D], no bias).
+    `centring` (a BatchNorm1d over the 2k query channels, or None) standardises each channel
+    over the tokens before the per-token norm, as PKM's query BatchNorm does."""
     x = upcast(x)
-    return normed(norm, F.linear(x, proj_weight.to(x.dtype)).unflatten(-1, (2, -1)))
+    query = F.linear(x, proj_weight.to(x.dtype))  # [t, 2k]
+    if centring is not None:
+        query = batch_normed(centring, query)
+    return normed(norm, query.unflatten(-1, (2, -1)))
 
 
 def tucker_keys(keys: torch.Tensor, norm: nn.Module) -> torch.Tensor:

@@ -56,7 +56,7 @@ class ImplicitValueExpansion(nn.Module):
     """values [n, d] seen as E reparameterized tables; output = sum_p W_p^T (pooled group p).
 
     Single-device: holds the whole table. A parallel wrapper subclasses it with a TableSlice and
-    overrides dispatch(); everything else (permutation, init, rows-hit metric) is shared.
+    overrides dispatch(); everything else (permutation, init) is shared.
     """
 
     def __init__(self, num_values: int, value_dim: int, expansion: int, hidden_size: int,
@@ -73,9 +73,6 @@ class ImplicitValueExpansion(nn.Module):
         # virtual address -> slot; slot = group * N + physical row.
         self.register_buffer("virtual_to_slot", torch.empty(expansion * num_values,
                                                             dtype=torch.int32, device=device))
-        # Rows read by this rank's tokens since the last reset (training only); a metric, never saved.
-        self.register_buffer("rows_hit", torch.zeros(num_values, dtype=torch.bool, device=device),
-                             persistent=False)
         self.reset_permutation()
 
     @torch.no_grad()
@@ -88,8 +85,6 @@ class ImplicitValueExpansion(nn.Module):
     def locate(self, virtual_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """virtual_idx [t, k] -> (physical row [t, k], group [t, k])."""
         slot = self.virtual_to_slot[virtual_idx].long()
-        if self.training:
-            self.rows_hit[(slot % self.num_values).flatten()] = True
         return slot % self.num_values, slot // self.num_values
 
     def dispatch(self, virtual_idx: torch.Tensor, scores: torch.Tensor

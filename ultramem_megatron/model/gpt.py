@@ -1,6 +1,7 @@
 """The GPT model of every family: megatron-core GPTModel with skip-layer memory and its aux losses."""
 
-from typing import Optional
+from functools import partial
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +12,7 @@ from .. import megatron_compat
 from ..config import ModelConfig, ParallelConfig
 from ..memory import ProductKeyMemory, UltraMemLayer
 from .capabilities import Capabilities, FusionChoice, choose_fusions
-from .skip_memory import MemoryBus
+from .skip_memory import MemoryBus, SkipMemoryMLP
 from .specs import decoder_block_spec
 
 
@@ -70,6 +71,16 @@ class MemoryGPT(GPTModel):
         )
         if config.tensor_model_parallel_size > 1:
             self._sync_tp_replicated_memory_params()
+        self._track_residual_after_spans()
+
+    def _track_residual_after_spans(self) -> None:
+        """The residual stream after each span's last block feeds its memory's usage tracker."""
+        mlps = [layer.mlp for layer in self.decoder.layers if isinstance(layer.mlp, SkipMemoryMLP)]
+        trackers = {mlp.starts_span: mlp.memory.usage for mlp in mlps if mlp.memory is not None}
+        for layer in self.decoder.layers:
+            span = getattr(layer.mlp, "ends_span", None)
+            if span is not None:
+                layer.register_forward_hook(partial(_record_residual, trackers[span]))
 
     def _sync_tp_replicated_memory_params(self) -> None:
         """Memory parameters every TP rank holds whole (retrieval, PKM; not the TP-split value
@@ -93,24 +104,52 @@ class MemoryGPT(GPTModel):
         return self.memory_bus.aux_loss()
 
     @torch.no_grad()
-    def rows_hit_fraction(self, group=None) -> Optional[float]:
-        """Fraction of value rows read since the last call, over all memory layers (the union over
-        the ranks of `group`, e.g. data-parallel); resets the counters. None without memory."""
+    def memory_usage(self, groups: Sequence = ()) -> dict[str, Optional[float]]:
+        """Utilisation since the last call, per memory layer ('mem{i}/{stat}', see memory/usage.py)
+        and over all layers ('value_rows_hit'); counts are summed over the ranks of each of
+        `groups` (the data-parallel group, and the TP group under sequence parallelism). Resets
+        the counters. Empty without memory. One all-reduce per group, on log steps only."""
         layers = self.memory_layers()
         if not layers:
-            return None
-        masks = torch.cat([layer.rows_hit().to(torch.uint8) for layer in layers])
-        if group is not None and torch.distributed.get_world_size(group) > 1:
-            torch.distributed.all_reduce(masks, op=torch.distributed.ReduceOp.MAX, group=group)
-        for layer in layers:
-            layer.reset_rows_hit()
-        return masks.float().mean().item()
+            return {}
+        packed = [layer.usage.packed() for layer in layers]
+        norms = [layer.weight_norms() for layer in layers]
+        flat = torch.cat(packed)
+        ranks = 1
+        for group in groups:
+            if group is not None and torch.distributed.get_world_size(group) > 1:
+                torch.distributed.all_reduce(flat, group=group)
+                ranks *= torch.distributed.get_world_size(group)
+        # Each rank holds an equal slice of each table (a grid of replicas): the mean over all
+        # ranks of the slices' mean squares is the whole table's.
+        value_ms = torch.stack([n["value_ms"] for n in norms]).double()
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(value_ms)
+            value_ms /= torch.distributed.get_world_size()
+        record, offset, rows_hit, rows = {}, 0, 0.0, 0
+        for index, (layer, part) in enumerate(zip(layers, packed)):
+            stats = layer.usage.summary(flat[offset:offset + part.numel()], ranks)
+            offset += part.numel()
+            stats["value_rms"] = value_ms[index].sqrt().item()
+            stats["key_norm"] = norms[index]["key_norm"].item()
+            record.update({f"mem{index}/{name}": value for name, value in stats.items()})
+            num_rows = layer.usage.row_counts.numel()
+            rows_hit += stats["rows_hit"] * num_rows
+            rows += num_rows
+            layer.usage.reset()
+        record["value_rows_hit"] = rows_hit / rows
+        return record
 
     @torch.no_grad()
     def refresh_rank1(self) -> None:
         """Refresh every UltraMem layer's rank-1 filter; call once per optimizer step."""
         for layer in self.memory_layers():
             layer.refresh_rank1()
+
+
+def _record_residual(usage, module, inputs, output) -> None:
+    """Forward hook on a span's last block: its output is the residual stream [s, b, D]."""
+    usage.add_rms(2, output[0] if isinstance(output, tuple) else output)
 
 
 def build_model(model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype = torch.float32,

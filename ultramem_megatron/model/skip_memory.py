@@ -8,7 +8,7 @@
 # value table's communication is in flight while blocks i+1..j compute.
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from megatron.core.transformer.module import MegatronModule
@@ -22,7 +22,8 @@ class MemoryBus:
     """Per-forward hand-off between a span's first and last block, plus the aux losses."""
 
     def __init__(self) -> None:
-        self.pending: dict[int, Callable[[], tuple[torch.Tensor, torch.Tensor]]] = {}
+        # span -> (the memory's finishing call, its usage tracker)
+        self.pending: dict[int, tuple[Callable[[], tuple[torch.Tensor, torch.Tensor]], Any]] = {}
         self.aux_losses: list[torch.Tensor] = []
 
     def reset(self) -> None:
@@ -75,9 +76,12 @@ class SkipMemoryMLP(MegatronModule):
         """hidden [s, b, D] (pre-FFN normed) -> (FFN output [+ memory output], bias)."""
         out, bias = self.ffn(hidden, **kwargs)
         if self.memory is not None:
-            self.bus.pending[self.starts_span] = self.memory.start(hidden)
+            self.bus.pending[self.starts_span] = (self.memory.start(hidden), self.memory.usage)
         if self.ends_span is not None:
-            memory_out, aux_loss = self.bus.pending.pop(self.ends_span)()
+            finish, usage = self.bus.pending.pop(self.ends_span)
+            memory_out, aux_loss = finish()
             self.bus.aux_losses.append(aux_loss)
+            usage.add_rms(0, memory_out)
+            usage.add_rms(1, out)
             out = out + memory_out
         return out, bias

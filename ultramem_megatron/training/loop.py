@@ -193,6 +193,14 @@ class Trainer:
             record["max_memory_gib"] = peak.item()
         return record
 
+    def _usage_groups(self) -> list:
+        """The ranks whose memory lookups differ: data-parallel, and TP under sequence
+        parallelism (each TP rank then retrieves for its own tokens)."""
+        groups = [parallel_state.get_data_parallel_group()]
+        if self.cfg.parallel.sequence_parallel:
+            groups.append(parallel_state.get_tensor_model_parallel_group())
+        return groups
+
     def _learning_rates(self) -> tuple[float, Optional[float]]:
         base, value = None, None
         for group in self.optimizer.param_groups:
@@ -241,8 +249,7 @@ class Trainer:
                 lr, value_lr = self._learning_rates()
                 record = {"step": step, **metrics, "lr": lr, "value_lr": value_lr,
                           **self._throughput_record(),
-                          "value_rows_hit": self.model.rows_hit_fraction(
-                              parallel_state.get_data_parallel_group())}
+                          **self.model.memory_usage(self._usage_groups())}
                 if step % train.eval_interval == 0 or step == train.max_steps:
                     record["val_loss"] = self.evaluate()
                 if logger:

@@ -143,6 +143,8 @@ class UltraMemMemory(nn.Module):
         norm = (lambda: nn.LayerNorm(key_dim)) if mem["qk_norm"] == "layernorm" else \
             (lambda: nn.RMSNorm(key_dim, eps=1e-6))
         self.query_norm, self.key_norm = norm(), norm()
+        self.query_bn = (nn.BatchNorm1d(2 * key_dim, affine=False)
+                         if mem.get("query_batchnorm", False) else None)
         self.keys = nn.Parameter(torch.empty(heads, 2, keys_per_axis, key_dim, rank))
         self.cores = nn.Parameter(torch.empty(mem["num_cores"], heads, rank, rank))
         self.register_buffer("rank1_row", torch.zeros(heads, rank))
@@ -166,7 +168,8 @@ class UltraMemMemory(nn.Module):
             query_in = F.conv1d(window, self.query_conv.weight.to(window.dtype),
                                 groups=width).transpose(1, 2)
         tokens = query_in.reshape(batch * seq, width)
-        query = tucker_query(tokens, self.query_proj.weight, self.query_norm)     # [t, 2, k]
+        query = tucker_query(tokens, self.query_proj.weight, self.query_norm,
+                             self.query_bn)                                        # [t, 2, k]
         s_row, s_col = tucker_key_scores(query, tucker_keys(self.keys, self.key_norm))
         virtual_idx, scores = two_phase_topk(s_row, s_col, self.cores, self.rank1_row,
                                              self.rank1_col, self.width, self.topk)

@@ -1,0 +1,92 @@
+"""scripts/experiment.py's suites and report: matched compute and parameters (checked against
+model_stats independently), the table from synthetic metrics, the doc section kept in place."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ultramem_megatron.experiments.report import (RunResult, load_results, table,
+                                                  write_section)
+from ultramem_megatron.experiments.suites import SUITES, Run, Suite
+from ultramem_megatron.model.stats import model_stats
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cpu_small():
+    return SUITES["cpu-small"]()
+
+
+def test_cpu_small_families_are_matched(cpu_small):
+    stats = {r.label: model_stats(r.run_config().model) for r in cpu_small.runs
+             if r.seed == 1234 and r.label != "ultramem-paper"}
+    assert set(stats) == {"dense", "moe", "pkm", "ultramem"}
+    reference = stats["ultramem"]
+    for family, s in stats.items():
+        assert s.paper_flops == pytest.approx(reference.paper_flops, rel=0.05), family
+        if family in ("moe", "pkm"):
+            assert s.non_embedding_params == pytest.approx(reference.non_embedding_params,
+                                                           rel=0.05), family
+    assert stats["dense"].non_embedding_params < reference.non_embedding_params / 3
+    assert {r.seed for r in cpu_small.runs} == {1234, 42} and len(cpu_small.runs) == 9
+    paper = next(r for r in cpu_small.runs if r.label == "ultramem-paper").run_config().model
+    assert not paper.ultramem.query_batchnorm and paper.ultramem.key_balance_weight == 0
+
+
+def test_ablation_ladder_adds_one_component_per_step():
+    runs = SUITES["ablation"]().runs
+    configs = [r.run_config().model for r in runs]
+    assert [c.family for c in configs] == ["pkm"] + ["ultramem"] * 4
+    mem = [c.ultramem for c in configs[1:]]
+    assert [(m.num_cores, m.expansion, m.value_lr_start_mult) for m in mem] == [
+        (1, 1, 1.0), (2, 1, 1.0), (2, 4, 1.0), (2, 4, 10.0)]
+
+
+def _records(val_losses, top1):
+    return [{"step": 10 * (i + 1), "loss": 7.0, "val_loss": v, "mem0/rows_hit": 0.5,
+             "mem0/top1pct_share": top1, "mem0/out_rms": 2.0, "mem0/ffn_rms": 4.0}
+            for i, v in enumerate(val_losses)]
+
+
+def test_table_pools_seeds(cpu_small):
+    runs = [r for r in cpu_small.runs if r.label == "ultramem"]
+    results = [RunResult(runs[0], _records([7.0, 6.5, 6.6], 0.1), 2048, 30),
+               RunResult(runs[1], _records([7.1, 6.4, 6.8], 0.3), 2048, 30)]
+    row = next(line for line in table(results).splitlines() if line.startswith("| ultramem"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:6] == ["2/2", "6.7000", "0.2000", "6.4500", "0.06M"]
+    assert cells[8:] == ["0.500", "0.200", "0.50"]
+
+
+def test_write_section_replaces_only_its_block(tmp_path):
+    doc = tmp_path / "quality.md"
+    doc.write_text("# Model quality\n\nhand-written analysis\n")
+    write_section(doc, "a", "first")
+    write_section(doc, "b", "other")
+    write_section(doc, "a", "second")
+    text = doc.read_text()
+    assert "hand-written analysis" in text and "other" in text
+    assert "second" in text and "first" not in text
+    assert text.index("second") < text.index("other")
+
+
+def test_done_runs_are_skipped_and_the_rest_resume(tmp_path):
+    suite = Suite("t", (Run("a", "x", 1, "configs/tiny.yaml", ("train.max_steps=20",)),
+                        Run("b", "x", 1, "configs/tiny.yaml", ("train.max_steps=20",))), "t")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "metrics.jsonl").write_text(
+        "\n".join(json.dumps(r) for r in _records([7.0, 6.0], 0.1)))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "metrics.jsonl").write_text(json.dumps(_records([7.0], 0.1)[0]))
+    assert [r.done for r in load_results(suite, tmp_path)] == [True, False]
+
+
+def test_bad_override_is_refused_before_training(tmp_path):
+    result = subprocess.run([sys.executable, "scripts/experiment.py", "cpu-small",
+                             "model.hidden_size=banana", "--runs-dir", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and "model.hidden_size" in result.stderr
+    assert not any(tmp_path.iterdir())

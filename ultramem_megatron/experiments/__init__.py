@@ -1,0 +1,1 @@
+"""Experiment suites and their reports (scripts/experiment.py)."""
