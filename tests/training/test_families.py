@@ -1,5 +1,6 @@
 """Every model family builds from its config and trains a few steps on the fixture."""
 
+import json
 import math
 
 import pytest
@@ -22,3 +23,13 @@ def test_family_trains_and_checkpoints(tmp_path, family):
     assert trace[4] < trace[1], trace
     assert "final validation loss" in result.stdout
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_0000004"
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    if family == "moe":
+        # megatron's switch loss E * sum_i f_i p_i per layer: top-k at a perfectly even router,
+        # logged per forward (not summed over the step's micro-batches or the log window)
+        for record in records:
+            assert 1.0 < record["moe/load_balancing_loss"] < 2 * 2.0, record
+    else:
+        assert not any(k.startswith("moe/") for r in records for k in r)
+    memory_keys = {k for k in records[-1] if k.startswith("mem0/")}
+    assert bool(memory_keys) == (family in ("pkm", "ultramem"))

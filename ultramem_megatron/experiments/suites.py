@@ -166,10 +166,10 @@ COLLAPSE = [
 ]
 
 
-def collapse(seed: int = 1234, steps: int = 100) -> Suite:
+def collapse(seed: int = 1234, steps: int = 60) -> Suite:
     runs = tuple(Run(f"{name}-s{seed}", name, seed, CPU_SMALL,
                      (*CPU_SMALL_MEMORY, *PAPER_RETRIEVAL, *overrides, f"train.seed={seed}",
-                      f"train.max_steps={steps}", "train.eval_interval=50"))
+                      f"train.max_steps={steps}", "train.eval_interval=30"))
                  for name, overrides in COLLAPSE)
     return Suite("collapse", runs,
                  f"Short ({steps}-step) UltraMem runs on the cpu-small trunk from the paper's "

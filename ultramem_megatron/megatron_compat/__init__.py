@@ -16,6 +16,7 @@ from .cpu import apply_cpu_patches, enter_cpu_device_mode
 from .distributed import (_init_process_group, average_grads_over_tp, destroy_distributed, device,
                           initialize_distributed, initialize_single_process, local_device_index,
                           wrap_data_parallel, wrap_float16)
+from .moe import moe_aux_losses
 from .layers import (build_dense_mlp, build_ffn, build_moe_layer, canonical_norm_keys,
                      fused_rope_available, param_key, standard_param_group_overrides,
                      transformer_engine_available, unfuse_pre_mlp_norm,
@@ -25,7 +26,7 @@ __all__ = [
     "apply_cpu_patches", "async_save_queue", "average_grads_over_tp", "build_dense_mlp",
     "build_ffn", "build_moe_layer", "canonical_norm_keys", "destroy_distributed", "device",
     "drop_extra_state", "enter_cpu_device_mode", "fused_rope_available", "initialize_distributed",
-    "initialize_single_process", "load_model_state", "local_device_index",
+    "initialize_single_process", "load_model_state", "local_device_index", "moe_aux_losses",
     "model_sharded_state_dict", "optimizer_load_state_dict", "optimizer_sharded_state_dict",
     "param_key", "rename_sharded_keys", "rng_tracker_states", "set_rng_tracker_states",
     "standard_param_group_overrides", "start_async_save", "transformer_engine_available",

@@ -232,6 +232,7 @@ class Trainer:
         if train.exit_after_steps:
             stop_at = min(stop_at, self.state.step + train.exit_after_steps)
         self.saved_step = self.state.step
+        self.forwards_since_log = 0
         while self.state.step < stop_at:
             self.checkpointer.finish_pending(blocking=False)   # commit a save whose writes ended
             signal_name = stop.agreed(megatron_compat.device())
@@ -241,6 +242,7 @@ class Trainer:
                 last = {**last, "step": self.state.step, "stopped_by": signal_name}
                 break
             metrics = self.train_step(data)
+            self.forwards_since_log += self.num_microbatches
             self.throughput.step()
             step = self.state.step
             if logger:
@@ -249,7 +251,9 @@ class Trainer:
                 lr, value_lr = self._learning_rates()
                 record = {"step": step, **metrics, "lr": lr, "value_lr": value_lr,
                           **self._throughput_record(),
-                          **self.model.memory_usage(self._usage_groups())}
+                          **self.model.memory_usage(self._usage_groups()),
+                          **megatron_compat.moe_aux_losses(self.forwards_since_log)}
+                self.forwards_since_log = 0
                 if step % train.eval_interval == 0 or step == train.max_steps:
                     record["val_loss"] = self.evaluate()
                 if logger:
