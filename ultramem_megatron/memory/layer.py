@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import UltraMemConfig
 from .init import init_ultramem
-from .retrieval import TuckerRetrieval
+from .retrieval import TokenSum, TuckerRetrieval
 from .selection import upcast
 from .usage import UsageTracker
 from .value_lr import mark_value_param
@@ -51,17 +51,19 @@ class UltraMemLayer(MegatronModule):
     `values` is the value module's spec: the single-device ImplicitValueExpansion by default, a
     sharded one (ultramem_megatron.parallel) in a parallel model. Under sequence parallelism the
     query side runs on this rank's tokens only, so its parameters are marked `sequence_parallel`
-    (megatron sums their gradients over the tensor-parallel group).
+    (megatron sums their gradients over the tensor-parallel group), and `token_sum` (a
+    differentiable sum over the TP group) gives the query BatchNorm and the key balance the
+    statistics of the whole sequence.
     """
 
     def __init__(self, config: TransformerConfig, memory: UltraMemConfig,
-                 values: Optional[ModuleSpec] = None):
+                 values: Optional[ModuleSpec] = None, token_sum: TokenSum = None):
         super().__init__(config)
         hidden, dtype = config.hidden_size, config.params_dtype
         self.memory = memory
         self.query_conv = (CausalDepthwiseConv(hidden, memory.query_conv_kernel, dtype)
                            if memory.query_conv_kernel > 0 else None)
-        self.retrieval = TuckerRetrieval(memory, hidden, dtype)
+        self.retrieval = TuckerRetrieval(memory, hidden, dtype, token_sum=token_sum)
         if config.sequence_parallel:
             for param in self.parameters():
                 param.sequence_parallel = True

@@ -8,13 +8,16 @@
 #   w  phase-1 candidates per axis   m  values kept per head (final top-m)
 #   k  query / key width D_k
 
+from functools import partial
+from typing import Callable, Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import UltraMemConfig
-from .selection import (selection_dtype, tucker_key_scores, tucker_keys, tucker_query,
-                        two_phase_topk, upcast)
+from .selection import (batch_normed, selection_dtype, tucker_key_scores, tucker_keys,
+                        tucker_query, two_phase_topk, upcast)
 
 
 def make_norm(kind: str, width: int, dtype: torch.dtype, device=None) -> nn.Module:
@@ -81,21 +84,59 @@ def tucker_aux_loss(cores: torch.Tensor, weight: float, margin: float) -> torch.
     return surrogate_aux_loss(cores, penalty.to(cores.device), grad.to(cores.device))
 
 
+# A differentiable sum over the ranks that split the tokens (sequence parallelism), whose
+# backward sums the ranks' gradients too; None on one device (model/specs.py supplies it).
+TokenSum = Optional[Callable[[torch.Tensor], torch.Tensor]]
+
+
+def token_batch_normed(norm: nn.BatchNorm1d, x: torch.Tensor, token_sum: TokenSum = None
+                       ) -> torch.Tensor:
+    """selection.batch_normed, with the training statistics taken over the tokens of every rank
+    token_sum spans (one collective), so a sequence-parallel run normalises as one device does.
+    x [t, c] -> [t, c]; running statistics updated as nn.BatchNorm1d does (unbiased variance)."""
+    if token_sum is None or not norm.training:
+        return batch_normed(norm, x)
+    width = x.shape[1]
+    stats = token_sum(torch.cat([x.sum(0), x.pow(2).sum(0), x.new_full((1,), x.shape[0])]))
+    count = stats[-1]
+    mean = stats[:width] / count
+    var = (stats[width:2 * width] / count - mean.pow(2)).clamp_min(0)
+    if norm.track_running_stats:
+        with torch.no_grad():
+            norm.num_batches_tracked.add_(1)
+            momentum = norm.momentum if norm.momentum is not None else \
+                1.0 / float(norm.num_batches_tracked)
+            norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), momentum)
+            norm.running_var.lerp_((var * count / (count - 1)).to(norm.running_var.dtype),
+                                   momentum)
+    out = (x - mean) * torch.rsqrt(var + norm.eps)
+    if norm.weight is not None:
+        out = out * norm.weight.to(x.dtype) + norm.bias.to(x.dtype)
+    return out
+
+
 def key_balance_loss(s_row: torch.Tensor, s_col: torch.Tensor, u: torch.Tensor, t: torch.Tensor,
-                     width: int) -> torch.Tensor:
+                     width: int, token_sum: TokenSum = None) -> torch.Tensor:
     """UltraMemV2's key balance, a Switch-style load-balancing loss on each axis's keys:
     n * sum_a p_a f_a, with p the tokens' mean softmax of the rank-1 filter scores f = S u and
     f_a the share of phase-1 selections key a got. 1 when both are uniform; averaged over heads
-    and summed over the row and column axes. s_row, s_col [t, h, n, r]; u, t [h, r] -> [] fp32."""
+    and summed over the row and column axes. s_row, s_col [t, h, n, r]; u, t [h, r] -> [] fp32.
+    With token_sum, p and f are over the tokens of every rank it spans (one collective)."""
     total = s_row.new_zeros(())
     for scores, filter_vec in ((s_row, u), (s_col, t)):
         tokens, heads, num_keys = scores.shape[:3]
         f = torch.einsum("thar,hr->tha", scores, filter_vec.to(scores.dtype))  # [t, h, n]
-        prob = f.softmax(-1).mean(0)  # [h, n]
+        prob_sum = f.softmax(-1).sum(0)  # [h, n]
         with torch.no_grad():
             chosen = f.topk(width, -1).indices.transpose(0, 1).reshape(heads, -1)  # [h, t*w]
-            share = torch.zeros_like(prob).scatter_add_(
-                1, chosen, torch.ones_like(chosen, dtype=prob.dtype)) / (tokens * width)
+            counts = torch.zeros_like(prob_sum).scatter_add_(
+                1, chosen, torch.ones_like(chosen, dtype=prob_sum.dtype))
+        stats = torch.cat([prob_sum.flatten(), counts.flatten(), prob_sum.new_full((1,), tokens)])
+        if token_sum is not None:
+            stats = token_sum(stats)
+        cells, all_tokens = heads * num_keys, stats[-1]
+        prob = stats[:cells].view(heads, num_keys) / all_tokens
+        share = stats[cells:2 * cells].view(heads, num_keys) / (all_tokens * width)
         total = total + num_keys * (prob * share).sum(-1).mean()
     return total
 
@@ -114,9 +155,10 @@ class TuckerRetrieval(nn.Module):
     """
 
     def __init__(self, cfg: UltraMemConfig, hidden_size: int, dtype: torch.dtype = torch.float32,
-                 device=None):
+                 device=None, token_sum: TokenSum = None):
         super().__init__()
         self.cfg = cfg
+        self.token_sum = token_sum  # query BatchNorm and key balance see every rank's tokens
         heads, n, k, r = cfg.num_heads, cfg.keys_per_axis, cfg.key_dim, cfg.tucker_rank
         self.query_proj = nn.Linear(hidden_size, 2 * k, bias=False, dtype=dtype, device=device)
         # Optional standardisation of the query channels over the tokens (no affine: a learnt
@@ -135,7 +177,9 @@ class TuckerRetrieval(nn.Module):
 
     def key_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [t, D] -> row and column scores [t, h, n, r] in fp32 (one query for all heads)."""
-        query = tucker_query(x, self.query_proj.weight, self.query_norm, self.query_bn)  # [t, 2, k]
+        centring = (partial(token_batch_normed, self.query_bn, token_sum=self.token_sum)
+                    if self.query_bn is not None else None)
+        query = tucker_query(x, self.query_proj.weight, self.query_norm, centring)  # [t, 2, k]
         return tucker_key_scores(query, tucker_keys(self.keys, self.key_norm))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,7 +187,8 @@ class TuckerRetrieval(nn.Module):
         self._balance = None
         if self.training and self.cfg.key_balance_weight > 0:
             self._balance = self.cfg.key_balance_weight * key_balance_loss(
-                s_row, s_col, self.rank1_row, self.rank1_col, self.cfg.candidates_per_axis)
+                s_row, s_col, self.rank1_row, self.rank1_col, self.cfg.candidates_per_axis,
+                self.token_sum)
         virtual_idx, core_scores = two_phase_topk(
             s_row, s_col, self.cores, self.rank1_row, self.rank1_col,
             self.cfg.candidates_per_axis, self.cfg.topk)

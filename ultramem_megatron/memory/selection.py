@@ -14,6 +14,8 @@ kept in fp32 for the same reason). The inputs are cast here, so callers may pass
 #   w  phase-1 candidates per axis                m  values kept per head (final top-m)
 #   k  query / key width D_k     q  PKM half-query width
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,14 +40,14 @@ def normed(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def tucker_query(x: torch.Tensor, proj_weight: torch.Tensor, norm: nn.Module,
-                 centring: nn.Module | None = None) -> torch.Tensor:
+                 centring: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """x [t, D] -> normed row / column query [t, 2, k] in fp32 (proj_weight [2k, D], no bias).
-    `centring` (a BatchNorm1d over the 2k query channels, or None) standardises each channel
-    over the tokens before the per-token norm, as PKM's query BatchNorm does."""
+    `centring` ([t, 2k] -> [t, 2k], e.g. batch_normed with a BatchNorm1d over the 2k channels)
+    standardises each channel over the tokens before the per-token norm, as PKM's BatchNorm."""
     x = upcast(x)
     query = F.linear(x, proj_weight.to(x.dtype))  # [t, 2k]
     if centring is not None:
-        query = batch_normed(centring, query)
+        query = centring(query)
     return normed(norm, query.unflatten(-1, (2, -1)))
 
 

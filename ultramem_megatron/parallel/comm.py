@@ -1,4 +1,4 @@
-"""Differentiable collectives over the memory-parallel group, with optional async completion."""
+"""Differentiable collectives over the memory-parallel and TP groups, with optional async completion."""
 
 # The TP-group collectives are megatron's (tensor_parallel.mappings); these are the ones megatron
 # has no autograd form of for an arbitrary group: a first-axis all-gather whose backward is a
@@ -62,3 +62,26 @@ def all_to_all_first_dim(x: torch.Tensor, group, out_splits: Optional[list[int]]
     is left in flight and its work handle appended: wait on it before reading the result.
     The backward is the reverse exchange (synchronous)."""
     return _AllToAllFirstDim.apply(x, group, out_splits, in_splits, pending)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def sum_over_sequence_parallel_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Sum of x over the TP group, whose ranks hold different tokens under sequence parallelism;
+    the backward sums the ranks' gradients too (each rank's result feeds its own tokens), unlike
+    megatron's reduce_from_tensor_model_parallel_region (identity backward, replicated use)."""
+    from megatron.core import parallel_state
+    return _AllReduceSum.apply(x, parallel_state.get_tensor_model_parallel_group())

@@ -12,6 +12,7 @@
 
 import dataclasses
 import math
+from functools import partial
 from typing import Optional
 
 import torch
@@ -168,8 +169,8 @@ class UltraMemMemory(nn.Module):
             query_in = F.conv1d(window, self.query_conv.weight.to(window.dtype),
                                 groups=width).transpose(1, 2)
         tokens = query_in.reshape(batch * seq, width)
-        query = tucker_query(tokens, self.query_proj.weight, self.query_norm,
-                             self.query_bn)                                        # [t, 2, k]
+        centring = partial(batch_normed, self.query_bn) if self.query_bn is not None else None
+        query = tucker_query(tokens, self.query_proj.weight, self.query_norm, centring)  # [t, 2, k]
         s_row, s_col = tucker_key_scores(query, tucker_keys(self.keys, self.key_norm))
         virtual_idx, scores = two_phase_topk(s_row, s_col, self.cores, self.rank1_row,
                                              self.rank1_col, self.width, self.topk)
