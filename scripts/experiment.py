@@ -14,6 +14,7 @@ RUNS_DIR/SUITE/RUN; extra `key=value` overrides apply to every run (e.g. train.m
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -27,8 +28,8 @@ from ultramem_megatron.config import ConfigError  # noqa: E402
 from ultramem_megatron.experiments.downstream import (continuation_docs,  # noqa: E402
                                                       export, heldout_sequences, lm_eval,
                                                       write_task)
-from ultramem_megatron.experiments.report import (load_results, plot, section,  # noqa: E402
-                                                  write_section)
+from ultramem_megatron.experiments.report import (load_results, plot,  # noqa: E402
+                                                  read_metrics, section, write_section)
 from ultramem_megatron.experiments.suites import SUITES, Run  # noqa: E402
 
 
@@ -37,23 +38,48 @@ def command(run: Run, run_dir: Path, extra: list[str]) -> list[str]:
             f"train.run_dir={run_dir}"]
 
 
+def claim(run_dir: Path) -> bool:
+    """Take RUN/.lock for this process, unless a live process holds it (another experiment.py
+    on the same suite): two launches share the work instead of training one run twice."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / ".lock"
+    try:
+        holder = int(lock.read_text())
+        os.kill(holder, 0)
+        if holder != os.getpid():
+            return False
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        pass
+    lock.write_text(str(os.getpid()))
+    return True
+
+
 def run_all(pending: list[tuple[Run, list[str], Path]], jobs: int) -> list[str]:
-    """Run the commands, `jobs` at a time; returns the names of the runs that failed."""
+    """Run the commands, `jobs` at a time; returns the names of the runs that failed. A run
+    another launch holds, or finished meanwhile, is skipped."""
     queue, active, failed = list(pending), [], []
     while queue or active:
         while queue and len(active) < jobs:
             run, cmd, log = queue.pop(0)
+            metrics = read_metrics(log.parent / "metrics.jsonl")
+            max_steps = run.run_config().train.max_steps
+            if any(r["step"] == max_steps and r.get("val_loss") is not None for r in metrics) \
+                    or not claim(log.parent):
+                print(f"[skip] {run.name}: finished or running elsewhere", flush=True)
+                continue
             log.parent.mkdir(parents=True, exist_ok=True)
             print(f"[start] {run.name}: {shlex.join(cmd[1:])}", flush=True)
             handle = open(log, "a")
             active.append((run, subprocess.Popen(cmd, cwd=ROOT, stdout=handle,
-                                                 stderr=subprocess.STDOUT), handle, time.time()))
+                                                 stderr=subprocess.STDOUT), handle, time.time(),
+                           log))
         time.sleep(2)
         for item in list(active):
-            run, process, handle, start = item
+            run, process, handle, start, log = item
             if process.poll() is None:
                 continue
             handle.close()
+            (log.parent / ".lock").unlink(missing_ok=True)
             active.remove(item)
             status = "done" if process.returncode == 0 else f"FAILED ({process.returncode})"
             print(f"[{status}] {run.name} in {time.time() - start:.0f} s", flush=True)

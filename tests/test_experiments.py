@@ -90,3 +90,35 @@ def test_bad_override_is_refused_before_training(tmp_path):
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and "model.hidden_size" in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_continuation_items_hold_the_true_continuation_once():
+    from ultramem_megatron.experiments.downstream import continuation_docs
+    sequences = [[1000 * i + j for j in range(100)] for i in range(10)]
+    detok = lambda ids: " ".join(map(str, ids))   # noqa: E731
+    docs = continuation_docs(sequences, detok, examples=6, context_tokens=5, answer_tokens=3)
+    assert len(docs) == 6 and len({d["context"] for d in docs}) == 6
+    for doc in docs:
+        window = int(doc["context"].split()[0]) // 1000
+        truth = detok(sequences[window][5:8])
+        assert doc["choices"][doc["answer"]] == truth
+        assert len(doc["choices"]) == 4 and doc["choices"].count(truth) == 1
+    with pytest.raises(ValueError, match="held-out windows"):
+        continuation_docs(sequences[:3], detok, examples=6)
+
+
+def test_a_run_held_by_a_live_launch_is_not_claimed(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("experiment", ROOT / "scripts" / "experiment.py")
+    experiment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiment)
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / ".lock").write_text(str(__import__("os").getppid()))      # a live process
+    assert not experiment.claim(held)
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    (stale / ".lock").write_text(dead)
+    assert experiment.claim(stale) and experiment.claim(tmp_path / "new")
