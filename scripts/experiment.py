@@ -28,6 +28,7 @@ from ultramem_megatron.config import ConfigError  # noqa: E402
 from ultramem_megatron.experiments.downstream import (continuation_docs,  # noqa: E402
                                                       export, heldout_sequences, lm_eval,
                                                       write_task)
+from ultramem_megatron.experiments.reference import memory_shape, run_reference  # noqa: E402
 from ultramem_megatron.experiments.report import (load_results, plot,  # noqa: E402
                                                   read_metrics, section, write_section)
 from ultramem_megatron.experiments.suites import SUITES, Run  # noqa: E402
@@ -108,6 +109,27 @@ def run_downstream(results, runs_dir: Path, examples: int) -> None:
         print(f"[downstream] {result.run.name}: acc {metrics['acc']:.3f}", flush=True)
 
 
+def references(results, runs_dir: Path) -> dict:
+    """family -> ((rows, lookups per token), {order: stats}) of the n-gram-keyed references,
+    from the first run of each memory family (cached in RUNS_DIR/SUITE/reference.json)."""
+    cache_path = runs_dir / "reference.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    found = {}
+    for result in results:
+        run = result.run.run_config()
+        family, shape = run.model.family, memory_shape(run.model)
+        if shape is None or family in found:
+            continue
+        key = f"{family}:{shape}:{run.train.seed}:{run.train.max_steps}:{run.train.log_interval}"
+        if key not in cache:
+            cache[key] = run_reference(run)
+        found[family] = (shape, cache[key])
+    if found:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        cache_path.write_text(json.dumps(cache, indent=1))
+    return found
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -162,7 +184,7 @@ def main() -> int:
                             + (["--downstream", str(args.downstream)] if args.downstream else []))
     write_section(args.doc, args.suite,
                   section(suite, results, str(image.relative_to(args.doc.parent)), invocation,
-                          runs_dir))
+                          runs_dir, references(results, runs_dir)))
     print(f"wrote {args.doc} and {image}")
     if failed:
         print(f"failed runs (logs in {runs_dir}/<run>/train.log): {', '.join(failed)}",

@@ -2,10 +2,12 @@
 model_stats independently), the table from synthetic metrics, the doc section kept in place."""
 
 import json
+import math
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from ultramem_megatron.experiments.report import (RunResult, load_results, table,
                                                   write_section)
@@ -22,7 +24,7 @@ def cpu_small():
 
 def test_cpu_small_families_are_matched(cpu_small):
     stats = {r.label: model_stats(r.run_config().model) for r in cpu_small.runs
-             if r.seed == 1234 and r.label != "ultramem-paper"}
+             if r.seed == 1234 and r.label in ("dense", "moe", "pkm", "ultramem")}
     assert set(stats) == {"dense", "moe", "pkm", "ultramem"}
     reference = stats["ultramem"]
     for family, s in stats.items():
@@ -31,9 +33,12 @@ def test_cpu_small_families_are_matched(cpu_small):
             assert s.non_embedding_params == pytest.approx(reference.non_embedding_params,
                                                            rel=0.05), family
     assert stats["dense"].non_embedding_params < reference.non_embedding_params / 3
-    assert {r.seed for r in cpu_small.runs} == {1234, 42} and len(cpu_small.runs) == 9
+    assert {r.seed for r in cpu_small.runs} == {1234, 42} and len(cpu_small.runs) == 10
     paper = next(r for r in cpu_small.runs if r.label == "ultramem-paper").run_config().model
     assert not paper.ultramem.query_batchnorm and paper.ultramem.key_balance_weight == 0
+    span = next(r for r in cpu_small.runs if r.label == "ultramem-span-1:2").run_config().model
+    assert span.memory_spans == "1:2" and paper.memory_spans == "0:3"
+    assert model_stats(span).paper_flops == reference.paper_flops
 
 
 def test_ablation_ladder_adds_one_component_per_step():
@@ -122,3 +127,50 @@ def test_a_run_held_by_a_live_launch_is_not_claimed(tmp_path):
                           capture_output=True, text=True).stdout.strip()
     (stale / ".lock").write_text(dead)
     assert experiment.claim(stale) and experiment.claim(tmp_path / "new")
+
+
+def test_ngram_keys_name_each_ngram_once():
+    from ultramem_megatron.experiments.reference import ngram_keys
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 5, (3, 40), generator=gen)
+    for order in (1, 2, 3):
+        keys = ngram_keys(tokens, order, vocab_size=5)
+        grams = [tuple(row[max(0, p - order + 1):p + 1].tolist()) for row in tokens
+                 for p in range(tokens.shape[1])]   # brute force: the last `order` tokens
+        ids = keys.reshape(-1).tolist()
+        assert len(set(zip(grams, ids))) == len(set(grams)) == len(set(ids))   # a bijection
+    with pytest.raises(ValueError, match="overflow"):
+        ngram_keys(tokens, 5, vocab_size=50432)
+
+
+def test_keyed_memory_reads_each_ngram_rows_as_often_as_the_ngram_occurs():
+    from ultramem_megatron.experiments.reference import keyed_row_counts, ngram_usage_reference
+    gen = torch.Generator().manual_seed(1)
+    # key 7 occurs 30 times, keys 0..9 (but 7) once each: 39 tokens x 4 lookups
+    keys = torch.tensor([7] * 30 + [k for k in range(10) if k != 7])
+    counts = keyed_row_counts(keys, num_rows=10_000, lookups=4, generator=gen)
+    assert counts.sum() == 39 * 4
+    assert counts.topk(4).values.sum() >= 30 * 4   # key 7's rows (more only by chance overlap)
+    # one token repeated: its 4 rows take every lookup (top 1 % = 100 rows hold them all)
+    same = ngram_usage_reference(torch.full((2, 64), 3), 10_000, 4, vocab_size=10, orders=(1,))
+    assert same[1]["top1pct_share"] == 1.0 and same[1]["rows_hit"] <= 4 / 10_000
+    # all tokens distinct, one lookup each, rows >> tokens: almost every lookup its own row
+    distinct = ngram_usage_reference(torch.arange(500).view(5, 100), 1_000_000, 1,
+                                     vocab_size=500, orders=(1,))[1]
+    assert 499 / 1e6 <= distinct["rows_hit"] <= 500 / 1e6
+    assert distinct["entropy_bits"] == pytest.approx(math.log2(500), abs=0.01)
+
+
+def test_comparison_against_dense_uses_paired_seeds_and_both_spreads(cpu_small):
+    from ultramem_megatron.experiments.report import comparison
+    by_name = {r.name: r for r in cpu_small.runs}
+    finals = {"dense-s1234": 6.70, "dense-s42": 6.74, "ultramem-s1234": 6.60,
+              "ultramem-s42": 6.66, "moe-s1234": 6.69, "moe-s42": 6.75}
+    results = [RunResult(by_name[name], _records([7.0, value], 0.1), 2048, 20)
+               for name, value in finals.items()]
+    lines = {line.split(" - ")[0].lstrip("- "): line for line in comparison(results).splitlines()}
+    assert set(lines) == {"ultramem", "moe"}
+    assert "-0.0900 (per seed: -0.1000, -0.0800; spreads 0.0600 / 0.0400)" in lines["ultramem"]
+    assert lines["ultramem"].endswith("below dense by more than the larger seed spread")
+    assert "(per seed: -0.0100, +0.0100; spreads 0.0600 / 0.0400)" in lines["moe"]
+    assert lines["moe"].endswith("by less than the larger seed spread")

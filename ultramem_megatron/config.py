@@ -76,6 +76,9 @@ class DataConfig:
     blend: list[BlendEntry] = field(default_factory=lambda: [
         BlendEntry(prefix="data/built/fixture", source="data/fixture/*.jsonl")])
     split: str = "95,5,0"                             # train, valid, test weights
+    # Orders the validation samples, independently of train.seed: runs of any seed are scored on
+    # one held-out set (null: train.seed, megatron's one-seed behaviour).
+    valid_seed: Optional[int] = 1234
     cache_dir: str = "data/built/cache"               # megatron's dataset index cache
     corpus: Optional[str] = None                      # a prepare_data.py --output-dir; replaces blend
     subset_weights: dict[str, float] = field(default_factory=dict)   # corpus subset -> weight

@@ -97,6 +97,33 @@ def test_train_and_valid_hold_disjoint_documents(process_group, corpus, tiny):
         validation_batches(valid, 4, len(valid))
 
 
+def _samples(dataset, count: int) -> torch.Tensor:
+    return torch.stack([dataset[i]["tokens"] for i in range(count)])
+
+
+def test_validation_set_is_fixed_by_valid_seed(process_group, corpus, tiny):
+    """valid_seed orders the held-out samples whatever the training seed; the training order
+    is the same as when one seed orders both (megatron's behaviour, valid_seed None)."""
+    config = data_config(corpus, 0.5, 0.5)
+
+    def datasets(seed, valid_seed):
+        return build_datasets(config, tiny, seq_length=SEQ, seed=seed, train_samples=200,
+                              valid_samples=40, valid_seed=valid_seed)
+
+    train_a, valid_a = datasets(7, 99)
+    train_b, valid_b = datasets(8, 99)
+    assert torch.equal(_samples(valid_a, 40), _samples(valid_b, 40))     # one held-out set
+    assert not torch.equal(_samples(train_a, 200), _samples(train_b, 200))
+    train_one, valid_one = datasets(7, None)
+    assert torch.equal(_samples(train_one, 200), _samples(train_a, 200))
+    assert not torch.equal(_samples(valid_one, 40), _samples(valid_a, 40))
+    same_seed = datasets(99, 99)[1]
+    assert torch.equal(_samples(same_seed, 40), _samples(valid_a, 40))
+    assert documents_in([{"tokens": _samples(valid_a, 40), "labels": _samples(valid_a, 40)}]) \
+        .isdisjoint(documents_in([{"tokens": _samples(train_b, 200),
+                                   "labels": _samples(train_b, 200)}]))
+
+
 def test_blend_weights_are_respected(process_group, corpus, tiny):
     train, valid = build(corpus, tiny, 3.0, 1.0, train=400)
     from_a = [max(documents_in([train[i]])) < 200 for i in range(400)]   # sample i starts in 'a'?

@@ -35,15 +35,16 @@ def _cache_dir(cache_dir: str, prefixes: list[str]) -> str:
 
 
 def build_datasets(data_cfg, tokenizer: HFTokenizer, *, seq_length: int, seed: int,
-                   train_samples: int, valid_samples: int):
+                   train_samples: int, valid_samples: int, valid_seed: int | None = None):
     """(train, valid) datasets of the data.blend prefixes, split by document per data.split.
 
     data_cfg: config.DataConfig, whose prefixes must be prepared (prepare.ensure_prepared). Each is
     a GPTDataset, or a BlendedDataset mixing them by weight, with at least the requested number of
-    samples, shuffled by seed; sample i is a dict of [seq_length] tensors. valid is None when
-    valid_samples is 0 and data.split gives it no documents. Needs torch.distributed
-    initialized (megatron_compat.initialize_single_process for one process) and is called on all
-    ranks; every rank builds the same datasets.
+    samples; train is shuffled by `seed`, valid by `valid_seed` (default `seed`), so runs of
+    different seeds can be scored on one held-out set. Sample i is a dict of [seq_length]
+    tensors. valid is None when valid_samples is 0 and data.split gives it no documents. Needs
+    torch.distributed initialized (megatron_compat.initialize_single_process for one process)
+    and is called on all ranks; every rank builds the same datasets.
     """
     if not dist.is_initialized():
         raise RuntimeError("build_datasets needs torch.distributed initialized (one process: "
@@ -58,14 +59,22 @@ def build_datasets(data_cfg, tokenizer: HFTokenizer, *, seq_length: int, seed: i
                                 "scripts/prepare_data.py or prepare.ensure_prepared first")
     # one prefix: a plain GPTDataset (megatron would wrap a weighted one in a BlendedDataset)
     weights = [entry.weight for entry in entries] if len(prefixes) > 1 else None
-    config = GPTDatasetConfig(
-        random_seed=seed, sequence_length=seq_length,
-        blend=(prefixes, weights), split=data_cfg.split,
-        path_to_cache=_cache_dir(data_cfg.cache_dir, prefixes), tokenizer=tokenizer,
-        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
-        create_attention_mask=False)
-    train, valid, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset, [train_samples, valid_samples, 0], lambda: True, config).build()
+
+    def build(split_seed: int, sizes: list[int]) -> list:
+        config = GPTDatasetConfig(
+            random_seed=split_seed, sequence_length=seq_length,
+            blend=(prefixes, weights), split=data_cfg.split,
+            path_to_cache=_cache_dir(data_cfg.cache_dir, prefixes), tokenizer=tokenizer,
+            reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+            create_attention_mask=False)
+        return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+
+    valid_seed = seed if valid_seed is None else valid_seed
+    if valid_seed == seed:
+        train, valid, _ = build(seed, [train_samples, valid_samples, 0])
+    else:
+        train = build(seed, [train_samples, 0, 0])[0]
+        valid = build(valid_seed, [0, valid_samples, 0])[1]
     for name, dataset, wanted in (("train", train, train_samples), ("valid", valid, valid_samples)):
         if wanted and (dataset is None or len(dataset) < wanted):
             raise DataPrepError(f"data.split {data_cfg.split!r} leaves the {name} split too few "

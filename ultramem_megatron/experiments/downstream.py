@@ -39,7 +39,8 @@ def heldout_sequences(run: RunConfig, count: int) -> tuple[list[list[int]], obje
     train_samples, valid_samples = dataset_sizes(run.train)
     _, valid = build_datasets(run.data, tokenizer, seq_length=run.model.seq_length,
                               seed=run.train.seed, train_samples=train_samples,
-                              valid_samples=max(valid_samples, 4 * count))
+                              valid_samples=max(valid_samples, 4 * count),
+                              valid_seed=run.data.valid_seed)
     sequences = []
     for index in range(len(valid)):
         tokens = valid[index]["tokens"].tolist()

@@ -92,6 +92,55 @@ def table(results: list[RunResult]) -> str:
     return "\n".join(lines)
 
 
+def _finals(results: list[RunResult], label: str) -> dict[int, float]:
+    """seed -> final val loss of the finished runs of `label`."""
+    return {r.run.seed: r.final("val_loss") for r in results
+            if r.run.label == label and r.done}
+
+
+def comparison(results: list[RunResult], baseline: str = "dense") -> str:
+    """One line per label against `baseline`: the mean gap in final val loss, the gap per seed,
+    both labels' seed spreads, and whether the gap is larger than either spread."""
+    base = _finals(results, baseline)
+    if not base:
+        return ""
+    lines = []
+    for label in dict.fromkeys(r.run.label for r in results):
+        finals = _finals(results, label)
+        if label == baseline or not finals:
+            continue
+        gap = statistics.fmean(finals.values()) - statistics.fmean(base.values())
+        paired = [finals[seed] - base[seed] for seed in finals if seed in base]
+        spreads = [max(v.values()) - min(v.values()) for v in (finals, base) if len(v) > 1]
+        verdict = ""
+        if len(spreads) == 2:
+            beyond = abs(gap) > max(spreads)
+            verdict = (f"; {'below' if gap < 0 else 'above'} {baseline} by "
+                       f"{'more' if beyond else 'less'} than the larger seed spread")
+        lines.append(f"- {label} - {baseline}: {gap:+.4f} (per seed: "
+                     f"{', '.join(f'{d:+.4f}' for d in paired) or '-'}; spreads "
+                     f"{' / '.join(f'{v:.4f}' for v in spreads) or '-'}){verdict}")
+    return "\n".join(lines)
+
+
+ORDER_NAMES = {1: "the current token", 2: "the last 2 tokens", 3: "the last 3 tokens"}
+
+
+def reference_table(references: dict[str, dict]) -> str:
+    """label -> {order: row_usage_stats} (experiments.reference) as a table; '' if none."""
+    if not references:
+        return ""
+    lines = ["| memory | rows, per token | a perfectly hashed memory keyed on | rows hit | "
+             "top-1% share | entropy (bits) |", "|---|---|---|---|---|---|"]
+    for label, (shape, by_order) in references.items():
+        for order, stats in by_order.items():
+            lines.append(f"| {label} | {shape[0]:,}, {shape[1]} | "
+                         f"{ORDER_NAMES.get(int(order), f'the last {order} tokens')} | "
+                         f"{stats['rows_hit']:.3f} | {stats['top1pct_share']:.3f} | "
+                         f"{stats['entropy_bits']:.2f} |")
+    return "\n".join(lines)
+
+
 def per_run_table(results: list[RunResult]) -> str:
     lines = ["| run | steps | final val loss | best val loss | rows hit | top-1% share | "
              "entropy (bits) | keys hit | out RMS | FFN RMS | resid RMS |",
@@ -163,8 +212,16 @@ def downstream_table(results: list[RunResult], runs_dir: Path) -> str:
 
 
 def section(suite: Suite, results: list[RunResult], image: str, command: str,
-            runs_dir: Optional[Path] = None) -> str:
+            runs_dir: Optional[Path] = None, references: Optional[dict] = None) -> str:
     notes = "\n".join(f"- {note}" for note in suite.notes)
+    versus = comparison(results)
+    versus = f"Against dense (final val loss):\n{versus}\n\n" if versus else ""
+    floor = reference_table(references or {})
+    if floor:
+        floor = ("Utilisation references: the same window of training tokens read by a memory "
+                 "of the same rows and lookups per token that gives every distinct n-gram its own "
+                 "random rows (`experiments/reference.py`); a memory keyed on the current token "
+                 f"cannot be more even than its row:\n\n{floor}\n\n")
     downstream = downstream_table(results, runs_dir) if runs_dir is not None else ""
     if downstream:
         downstream = ("Downstream (lm-eval on the exported models; 4-way choice of a held-out "
@@ -172,7 +229,8 @@ def section(suite: Suite, results: list[RunResult], image: str, command: str,
                       f"{downstream}\n\n")
     return (f"### Suite `{suite.name}`\n\n{suite.description}\n\n"
             f"Command: `{command}`\n\n" + (f"Matching:\n{notes}\n\n" if notes else "") +
-            f"{table(results)}\n\nPer run:\n\n{per_run_table(results)}\n\n{downstream}"
+            f"{table(results)}\n\n{versus}Per run:\n\n{per_run_table(results)}\n\n{floor}"
+            f"{downstream}"
             f"![{suite.name}]({image})\n")
 
 

@@ -107,11 +107,15 @@ def cpu_small(seeds=(1234, 42)) -> Suite:
             for family, overrides in families.items() for seed in seeds]
     runs.append(Run(f"ultramem-paper-s{seeds[0]}", "ultramem-paper", seeds[0], CPU_SMALL,
                     (*CPU_SMALL_MEMORY, *PAPER_RETRIEVAL, f"train.seed={seeds[0]}")))
+    runs.append(Run(f"ultramem-span-1-2-s{seeds[0]}", "ultramem-span-1:2", seeds[0], CPU_SMALL,
+                    (*CPU_SMALL_MEMORY, "model.memory_spans=1:2", f"train.seed={seeds[0]}")))
     return Suite("cpu-small", tuple(runs),
                  "Every family at UltraMem's activated compute; MoE and PKM also at its total "
-                 "parameters; two seeds (the seed sets the weights and the data order). "
-                 "`ultramem-paper` is the same UltraMem with the paper's retrieval (no query "
-                 "BatchNorm, no key-balance loss), one seed.", notes)
+                 "parameters; two seeds (the seed sets the weights and the training data order; "
+                 "every run is scored on the same held-out set). Controls at one seed: "
+                 "`ultramem-paper`, the same UltraMem with the paper's retrieval (no query "
+                 "BatchNorm, no key-balance loss), and `ultramem-span-1:2`, the memory between "
+                 "blocks 1 and 2 instead of 0 and 3 (the same activated compute).", notes)
 
 
 # The paper's ablation ladder (Table 2, the steps this framework implements): a PKM, then UltraMem
@@ -167,14 +171,19 @@ COLLAPSE = [
 ]
 
 
+# The trunk the collapse suite was measured on: the memory between blocks 1 and 2 (cpu-small now
+# spans blocks 0 to 3, the finding of this suite's span-0-3 run), 8 validation batches.
+COLLAPSE_TRUNK = ["model.memory_spans=1:2", "train.eval_iters=8"]
+
+
 def collapse(seed: int = 1234, steps: int = 60) -> Suite:
     runs = tuple(Run(f"{name}-s{seed}", name, seed, CPU_SMALL,
-                     (*CPU_SMALL_MEMORY, *PAPER_RETRIEVAL, *overrides, f"train.seed={seed}",
-                      f"train.max_steps={steps}", "train.eval_interval=30"))
+                     (*CPU_SMALL_MEMORY, *COLLAPSE_TRUNK, *PAPER_RETRIEVAL, *overrides,
+                      f"train.seed={seed}", f"train.max_steps={steps}", "train.eval_interval=30"))
                  for name, overrides in COLLAPSE)
     return Suite("collapse", runs,
-                 f"Short ({steps}-step) UltraMem runs on the cpu-small trunk from the paper's "
-                 "settings, one knob changed per run: which knobs move memory utilisation (and "
+                 f"Short ({steps}-step) UltraMem runs on the cpu-small trunk (memory span 1:2) "
+                 "from the paper's settings, one knob changed per run: which knobs move memory utilisation (and "
                  "the loss) in the first steps, where the collapse happens. One seed.")
 
 

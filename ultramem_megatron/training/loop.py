@@ -115,7 +115,8 @@ class Trainer:
         train_samples, valid_samples = dataset_sizes(train)
         self.train_data, self.valid_data = build_datasets(
             run.data, tokenizer, seq_length=run.model.seq_length, seed=train.seed,
-            train_samples=train_samples, valid_samples=valid_samples)
+            train_samples=train_samples, valid_samples=valid_samples,
+            valid_seed=run.data.valid_seed)
 
         self.dtype = training_dtype(run)
         self.model = build_model(run.model, run.parallel, self.dtype, self.capabilities)
