@@ -43,7 +43,8 @@ def test_cpu_small_families_are_matched(cpu_small):
 
 def test_ablation_ladder_adds_one_component_per_step():
     runs = SUITES["ablation"]().runs
-    configs = [r.run_config().model for r in runs]
+    assert {r.seed for r in runs} == {1234, 42} and len(runs) == 10
+    configs = [r.run_config().model for r in runs if r.seed == 1234]
     assert [c.family for c in configs] == ["pkm"] + ["ultramem"] * 4
     mem = [c.ultramem for c in configs[1:]]
     assert [(m.num_cores, m.expansion, m.value_lr_start_mult) for m in mem] == [
@@ -174,3 +175,24 @@ def test_comparison_against_dense_uses_paired_seeds_and_both_spreads(cpu_small):
     assert lines["ultramem"].endswith("below dense by more than the larger seed spread")
     assert "(per seed: -0.0100, +0.0100; spreads 0.0600 / 0.0400)" in lines["moe"]
     assert lines["moe"].endswith("by less than the larger seed spread")
+
+
+def test_ladder_steps_are_paired_by_seed():
+    from ultramem_megatron.experiments.report import ladder_steps, section
+    suite = SUITES["ablation"]()
+    finals = {"pkm": 7.0, "tdqkr": 6.9, "mcs": 6.95, "ive": 6.8, "value-lr": 6.6}
+    results = [RunResult(r, _records([7.5, finals[r.name.rsplit("-s", 1)[0]]
+                                      + (0.02 if r.seed == 42 else 0.0)], 0.1), 2048, 20)
+               for r in suite.runs if not r.name.startswith("ive-s42")]
+    lines = ladder_steps(results).splitlines()
+    assert lines[0] == "- +tdqkr (after pkm): -0.1000 (per seed: -0.1000, -0.1000)"
+    assert lines[1] == "- +mcs (after +tdqkr): +0.0500 (per seed: +0.0500, +0.0500)"
+    assert lines[2] == "- +ive (after +mcs): -0.1500 (per seed: -0.1500)"          # s42 missing
+    assert lines[3] == "- +value-lr (after +ive): -0.2000 (per seed: -0.2000)"
+    assert "Each step of the ladder" in section(suite, results, "x.png", "cmd")
+
+
+def test_eval_valsets_refuses_a_directory_without_checkpoint(tmp_path):
+    result = subprocess.run([sys.executable, "scripts/eval_valsets.py", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and "is not a checkpoint" in result.stderr

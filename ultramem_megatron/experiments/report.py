@@ -123,6 +123,20 @@ def comparison(results: list[RunResult], baseline: str = "dense") -> str:
     return "\n".join(lines)
 
 
+def ladder_steps(results: list[RunResult]) -> str:
+    """One line per step of a ladder suite: the change in final val loss from the previous label,
+    mean over the seeds both finished, and per seed."""
+    labels = list(dict.fromkeys(r.run.label for r in results))
+    lines = []
+    for before, after in zip(labels, labels[1:]):
+        old, new = _finals(results, before), _finals(results, after)
+        paired = [new[seed] - old[seed] for seed in new if seed in old]
+        if paired:
+            lines.append(f"- {after} (after {before}): {statistics.fmean(paired):+.4f} (per seed: "
+                         f"{', '.join(f'{d:+.4f}' for d in paired)})")
+    return "\n".join(lines)
+
+
 ORDER_NAMES = {1: "the current token", 2: "the last 2 tokens", 3: "the last 3 tokens"}
 
 
@@ -216,6 +230,8 @@ def section(suite: Suite, results: list[RunResult], image: str, command: str,
     notes = "\n".join(f"- {note}" for note in suite.notes)
     versus = comparison(results)
     versus = f"Against dense (final val loss):\n{versus}\n\n" if versus else ""
+    if suite.ladder and ladder_steps(results):
+        versus += f"Each step of the ladder (final val loss):\n{ladder_steps(results)}\n\n"
     floor = reference_table(references or {})
     if floor:
         floor = ("Utilisation references: the same window of training tokens read by a memory "

@@ -32,6 +32,7 @@ class Suite:
     runs: tuple[Run, ...]
     description: str
     notes: tuple[str, ...] = field(default_factory=tuple)   # lines for the report (matching)
+    ladder: bool = False              # labels in order, each adding one change to the previous
 
 
 def _stats(config_path, overrides: list[str]):
@@ -133,18 +134,19 @@ LADDER = [
 ]
 
 
-def ablation_ladder(seed: int = 1234, steps: int = 200) -> Suite:
+def ablation_ladder(seeds=(1234, 42), steps: int = 200) -> Suite:
     families, _ = matched_families(ROOT / CPU_SMALL, CPU_SMALL_MEMORY)
     runs = []
-    for name, overrides in LADDER:
-        base = families["pkm"] if name == "pkm" else CPU_SMALL_MEMORY
-        runs.append(Run(f"{name.lstrip('+')}-s{seed}", name, seed, CPU_SMALL,
-                        (*base, *(o for o in overrides if o not in base), f"train.seed={seed}",
-                         f"train.max_steps={steps}")))
+    for seed in seeds:
+        for name, overrides in LADDER:
+            base = families["pkm"] if name == "pkm" else CPU_SMALL_MEMORY
+            runs.append(Run(f"{name.lstrip('+')}-s{seed}", name, seed, CPU_SMALL,
+                            (*base, *(o for o in overrides if o not in base),
+                             f"train.seed={seed}", f"train.max_steps={steps}")))
     return Suite("ablation", tuple(runs),
                  "The paper's ladder on the cpu-small trunk: PKM (at UltraMem's compute and "
                  "parameters), then UltraMem without multi-core scoring, expansion and value-LR "
-                 f"schedule, adding each back; one seed, {steps} steps.")
+                 f"schedule, adding each back; {len(seeds)} seeds, {steps} steps.", ladder=True)
 
 
 # Run-level ablations of the memory collapse: the paper's UltraMem (PAPER_RETRIEVAL) with one
