@@ -183,7 +183,8 @@ def plot(results: list[RunResult], path: Path, title: str) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     labels = list(dict.fromkeys(r.run.label for r in results))
-    colours = {label: f"C{i}" for i, label in enumerate(labels)}
+    palette = plt.get_cmap("tab20").colors if len(labels) > 10 else [f"C{i}" for i in range(10)]
+    colours = {label: palette[i % len(palette)] for i, label in enumerate(labels)}
     for r in results:
         style = dict(color=colours[r.run.label], alpha=0.85, linewidth=1.4)
         first = r is next(x for x in results if x.run.label == r.run.label)
