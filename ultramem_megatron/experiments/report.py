@@ -231,8 +231,9 @@ def section(suite: Suite, results: list[RunResult], image: str, command: str,
     notes = "\n".join(f"- {note}" for note in suite.notes)
     versus = comparison(results)
     versus = f"Against dense (final val loss):\n{versus}\n\n" if versus else ""
-    if suite.ladder and ladder_steps(results):
-        versus += f"Each step of the ladder (final val loss):\n{ladder_steps(results)}\n\n"
+    steps = ladder_steps(results) if suite.ladder else ""
+    if steps:
+        versus += f"Each step of the ladder (final val loss):\n{steps}\n\n"
     floor = reference_table(references or {})
     if floor:
         floor = ("Utilisation references: the same window of training tokens read by a memory "

@@ -185,8 +185,9 @@ def collapse(seed: int = 1234, steps: int = 60) -> Suite:
                  for name, overrides in COLLAPSE)
     return Suite("collapse", runs,
                  f"Short ({steps}-step) UltraMem runs on the cpu-small trunk (memory span 1:2) "
-                 "from the paper's settings, one knob changed per run: which knobs move memory utilisation (and "
-                 "the loss) in the first steps, where the collapse happens. One seed.")
+                 "from the paper's settings, one knob changed per run: which knobs move memory "
+                 "utilisation (and the loss) in the first steps, where the collapse happens. "
+                 "One seed.")
 
 
 def gpu_151m(seeds=(1234,)) -> Suite:
