@@ -1,9 +1,10 @@
 """Break the memory layer on purpose, in a scratch copy, and show which tests catch each break.
 
-    python scripts/check_mutations.py [--only memory|parallel|export]
+    python scripts/check_mutations.py [--only memory|parallel|export|kernels]
 
 Single-device mutations run tests/memory (about 40 s each); parallel ones run the torchrun tests
-that should catch them (about 1 minute each); export ones run tests/export/test_export.py."""
+that should catch them (about 1 minute each); export ones run tests/export/test_export.py; kernel
+ones run their file in tests/kernels (the Triton interpreter without a GPU; under a minute each)."""
 
 import argparse
 import os
@@ -166,11 +167,33 @@ MUTATIONS = {
         "torch.arange(0, seq, device=x.device).expand",
         EXPORT_TESTS,
     ),
+    "top-m kernel: phase 2 re-scores with the first core, not the summed cores": (
+        "ultramem_megatron/kernels/topm.py",
+        "    for c in range(num_cores):\n",
+        "    for c in range(1):\n",
+        ["tests/kernels/test_topm.py"],
+    ),
+    "lookup kernel: every column scaled by core 0's score": (
+        "ultramem_megatron/kernels/lookup_pool.py",
+        "    core = (col_start + cols) // chunk ",
+        "    core = cols * 0 ",
+        ["tests/kernels/test_lookup_pool.py"],
+    ),
+    "lookup kernel: score gradient ignores col_start (column-sliced shards)": (
+        "ultramem_megatron/kernels/lookup_pool.py",
+        "    lo = tl.maximum(core * chunk - col_start, 0)\n"
+        "    hi = tl.minimum(core * chunk + chunk - col_start, width)\n",
+        "    lo = tl.maximum(core * chunk, 0)\n"
+        "    hi = tl.minimum(core * chunk + chunk, width)\n",
+        ["tests/kernels/test_lookup_pool.py"],
+    ),
 }
 
 
 def group(spec: tuple) -> str:
     tests = spec[3] if len(spec) > 3 else MEMORY_TESTS
+    if tests[0].startswith("tests/kernels"):
+        return "kernels"
     return {id(MEMORY_TESTS): "memory", id(EXPORT_TESTS): "export"}.get(id(tests), "parallel")
 
 
@@ -195,7 +218,7 @@ def run_mutation(name: str) -> tuple[int, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["memory", "parallel", "export"])
+    parser.add_argument("--only", choices=["memory", "parallel", "export", "kernels"])
     args = parser.parse_args()
     names = [name for name, spec in MUTATIONS.items() if args.only in (None, group(spec))]
     survivors = 0

@@ -4,7 +4,13 @@ import os
 
 import pytest
 import torch
-from megatron.core.transformer.transformer_config import TransformerConfig
+
+if not torch.cuda.is_available():
+    # Triton reads this when a function is decorated with @jit, and megatron imports triton: set
+    # it first, so the memory kernels (tests/kernels) run under the interpreter on a CPU machine.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

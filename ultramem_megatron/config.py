@@ -290,7 +290,7 @@ def to_dict(config: Any) -> dict:
 TRAINING_ONLY_FIELDS = {
     "dropout", "init_std", "ultramem.aux_loss_weight", "ultramem.aux_loss_margin", "ultramem.init",
     "ultramem.value_lr_start_mult", "ultramem.value_lr_decay_fraction", "moe.aux_loss_coeff",
-    "ultramem.key_balance_weight",
+    "ultramem.key_balance_weight", "ultramem.kernel",
     "moe.dispatcher",
 }
 

@@ -48,16 +48,25 @@ def last_step(run_dir: Path) -> int:
     return max(steps, default=0)
 
 
-def wait_for_step(run_dir: Path, step: int, process=None, timeout: float = 300) -> None:
-    """Until run_dir/metrics.jsonl has `step` (fails early if `process` ended)."""
+def wait_for_step(run_dir: Path, step: int, process=None, timeout: float = 300,
+                  ended=None, describe=None) -> None:
+    """Until run_dir/metrics.jsonl has `step`. Fails early if `process` ended or `ended()` says
+    why the run cannot get there; `describe()` adds the run's state to any failure."""
     deadline = time.monotonic() + timeout
+    reason = None
     while time.monotonic() < deadline:
         if last_step(run_dir) >= step:
             return
         if process is not None and process.poll() is not None:
-            raise AssertionError(f"the run ended ({process.returncode}) before step {step}")
+            reason = f"the run ended ({process.returncode}) before step {step}"
+        elif ended is not None:
+            reason = ended()
+        if reason:
+            break
         time.sleep(0.2)
-    raise AssertionError(f"{run_dir} did not reach step {step} in {timeout} s")
+    reason = reason or f"{run_dir} did not reach step {step} in {timeout} s"
+    raise AssertionError(f"{reason} (last step {last_step(run_dir)})"
+                         + (f"\n{describe()}" if describe is not None else ""))
 
 
 @contextmanager

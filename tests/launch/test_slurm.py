@@ -3,6 +3,7 @@ the tiny config; then a run warned before its time limit (USR1) and one preempte
 requeue, resume and end with the uninterrupted run's losses."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,11 +47,31 @@ def job_log(run_dir: Path, job_id: str) -> str:
     return (run_dir / "logs" / f"{run_dir.name}-{job_id}.out").read_text(errors="replace")
 
 
-def requeued_and_released(slurm: SlurmCluster, job_id: str, restarts: int) -> None:
+def job_state(slurm: SlurmCluster, run_dir: Path, job_id: str) -> str:
+    """What a failure message needs: the job, the node, and the tails of the job's log and
+    slurmd's."""
+    node = slurm.run("sinfo", "-h", "-N", "-o", "%N %t %E", check=False).stdout.strip()
+    log = run_dir / "logs" / f"{run_dir.name}-{job_id}.out"
+    slurmd = slurm.root / "slurmd.log"
+    return (f"job: {slurm.job(job_id)}\nnode: {node}\n"
+            f"--- job log ---\n{log.read_text(errors='replace')[-3000:] if log.is_file() else ''}"
+            f"\n--- slurmd.log ---\n{slurmd.read_text(errors='replace')[-2000:]}")
+
+
+def wait_for_job_step(slurm: SlurmCluster, run_dir: Path, job_id: str, step: int) -> None:
+    """Until the job's run logged `step`; fails at once if the job ended on the way."""
+    def ended():
+        state = slurm.job(job_id).get("JobState")
+        return f"job {job_id} is {state}" if state not in {"RUNNING", "PENDING"} else None
+    wait_for_step(run_dir, step, ended=ended, describe=lambda: job_state(slurm, run_dir, job_id))
+
+
+def requeued_and_released(slurm: SlurmCluster, run_dir: Path, job_id: str,
+                          restarts: int) -> None:
     """Wait until the job is back in the queue, then let it start now: Slurm holds a requeued
     job about two minutes (BeginTime) before it may run again."""
     info = slurm.wait_for(job_id, {"PENDING"}, timeout=120)
-    assert info["Restarts"] == str(restarts), info
+    assert info["Restarts"] == str(restarts), job_state(slurm, run_dir, job_id)
     slurm.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
 
 
@@ -82,16 +103,16 @@ def test_time_limit_warning_and_preemption_requeue_and_resume(slurm, uninterrupt
     job_id = submit(slurm, run_dir)
 
     # 1. The time-limit warning (what --signal=B:USR1@300 sends the batch script).
-    wait_for_step(run_dir, 3)
+    wait_for_job_step(slurm, run_dir, job_id, 3)
     slurm.run("scancel", "--batch", "--signal=USR1", job_id)
-    requeued_and_released(slurm, job_id, restarts=1)
+    requeued_and_released(slurm, run_dir, job_id, restarts=1)
     first_stop = last_step(run_dir)
     assert 3 <= first_stop < 21
 
     # 2. Preemption: Slurm sends SIGTERM to every process of the job and requeues it.
-    wait_for_step(run_dir, first_stop + 3)
+    wait_for_job_step(slurm, run_dir, job_id, first_stop + 3)
     slurm.run("scontrol", "requeue", job_id)
-    requeued_and_released(slurm, job_id, restarts=2)
+    requeued_and_released(slurm, run_dir, job_id, restarts=2)
 
     info = slurm.wait_for(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=600)
     log = job_log(run_dir, job_id)
@@ -100,6 +121,9 @@ def test_time_limit_warning_and_preemption_requeue_and_resume(slurm, uninterrupt
     assert log.count("0: stopped by SIGTERM at step") == 1
     assert "ranks checkpointed; requeueing job" in log
     assert log.count("0: resumed from") == 2
+    ports = re.findall(r"restart (\d+): .* rendezvous [^:]+:(\d+),", log)
+    assert [r for r, _ in ports] == ["0", "1", "2"], ports
+    assert len({port for _, port in ports}) == 3, ports   # each start rendezvous on a new port
     want, got = losses(reference), losses(run_dir)
     assert sorted(got) == list(range(1, 25))
     assert all(got[step] == want[step] for step in got), (got, want)

@@ -216,3 +216,56 @@ def test_cached_aux_loss_equals_direct_svd_after_parameter_changes(monkeypatch):
              for k, v in retrieval.state_dict().items()}
     retrieval.load_state_dict(state)
     check(expected_svds=1)
+
+
+def test_inference_keeps_normed_keys_until_they_change():
+    """Without autograd the normed keys are computed once and reused; an optimizer step (an
+    in-place update the version counter sees), a `.data` write followed by refresh_rank1() (what
+    megatron's optimizers do), an in-place change of the key norm and load_state_dict each make the next forward recompute them.
+    With autograd they are always computed fresh (and the cache is neither read nor written)."""
+    cfg = UltraMemConfig(num_keys=6, key_dim=8, topk=3, num_heads=2, qk_norm="layernorm")
+    retrieval = TuckerRetrieval(cfg, hidden_size=16).eval()
+    with torch.no_grad():
+        retrieval.keys.normal_()
+        retrieval.key_norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(5, 16)
+
+    def fresh_scores():
+        from ultramem_megatron.memory.selection import tucker_keys
+        with torch.no_grad():
+            original, retrieval.normed_keys = retrieval.normed_keys, lambda: tucker_keys(
+                retrieval.keys, retrieval.key_norm)
+            try:
+                return retrieval.key_scores(x)
+            finally:
+                retrieval.normed_keys = original
+
+    def check_current():
+        with torch.no_grad():
+            cached = retrieval.key_scores(x)
+        for got, want in zip(cached, fresh_scores()):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+    check_current()
+    with torch.no_grad():
+        first = retrieval.normed_keys()
+        assert retrieval.normed_keys() is first  # reused
+    optimizer = torch.optim.SGD(retrieval.parameters(), lr=0.5)
+    retrieval.train()
+    retrieval.key_scores(x)[0].sum().backward()   # autograd: computed fresh, cache untouched
+    assert retrieval._keys_cache[1] is first
+    optimizer.step()
+    retrieval.eval()
+    check_current()
+    with torch.no_grad():
+        retrieval.keys.data.mul_(-1.5)             # unseen by the key: stale until a refresh
+        assert retrieval.normed_keys() is not None
+        retrieval.refresh_rank1()
+    check_current()
+    with torch.no_grad():
+        retrieval.key_norm.weight.mul_(2.0)        # the norm alone changes (in place)
+    check_current()
+    state = {k: torch.randn_like(v) if k == "keys" else v
+             for k, v in retrieval.state_dict().items()}
+    retrieval.load_state_dict(state)
+    check_current()

@@ -39,6 +39,7 @@ class UltraMemConfig:
     value_lr_start_mult: float = 10.0  # value LR multiplier at step 0, decays linearly to 1
     value_lr_decay_fraction: float = 1.0  # fraction of training over which it decays
     shuffle_seed: int = 0              # seed of the virtual-address permutation
+    kernel: Literal["auto", "torch", "triton"] = "auto"  # auto: Triton on CUDA, torch elsewhere
 
     def __post_init__(self) -> None:
         _require(self.num_keys >= 1, f"memory.num_keys must be >= 1, got {self.num_keys}")
@@ -61,6 +62,8 @@ class UltraMemConfig:
                  f"memory.qk_norm must be 'rmsnorm' or 'layernorm', got {self.qk_norm!r}")
         _require(self.query_conv_kernel >= 0,
                  f"memory.query_conv_kernel must be >= 0, got {self.query_conv_kernel}")
+        _require(self.kernel in ("auto", "torch", "triton"),
+                 f"memory.kernel must be 'auto', 'torch' or 'triton', got {self.kernel!r}")
         _require(self.init in ("paper", "official"),
                  f"memory.init must be 'paper' or 'official', got {self.init!r}")
         _require(self.aux_loss_weight >= 0, "memory.aux_loss_weight must be >= 0")

@@ -69,8 +69,9 @@ class UltraMemLayer(MegatronModule):
                 param.sequence_parallel = True
         value_args = (memory.num_values, memory.resolved_value_dim(hidden), memory.expansion,
                       hidden, memory.shuffle_seed, dtype)
-        self.values = (build_module(values, *value_args) if values is not None
-                       else ImplicitValueExpansion(*value_args))
+        self.values = (build_module(values, *value_args, kernel=memory.kernel)
+                       if values is not None
+                       else ImplicitValueExpansion(*value_args, kernel=memory.kernel))
         mark_value_param(self.values.values)
         self.usage = UsageTracker(memory.num_values,
                                   (memory.num_heads, 2, memory.keys_per_axis))

@@ -63,15 +63,16 @@ def pool_bags(table: torch.Tensor, rows: torch.Tensor, bags: torch.Tensor, score
 
 def lookup_pool(values: torch.Tensor, rows: torch.Tensor, groups: torch.Tensor,
                 scores: torch.Tensor, num_groups: int, col_start: int = 0,
-                value_dim: int | None = None) -> torch.Tensor:
+                value_dim: int | None = None, pool=pool_bags) -> torch.Tensor:
     """pooled[t, g, col] = sum over items k of token t with groups[t, k] == g of
     scores[t, k, core(col)] * values[rows[t, k], col].
 
     values [n, w] (columns [col_start, col_start + w) of the table, all of it by default);
-    rows, groups [t, k] (integer); scores [t, k, c] -> pooled [t, e, w].
+    rows, groups [t, k] (integer); scores [t, k, c] -> pooled [t, e, w]. `pool` is pool_bags or
+    a kernel with its signature.
     """
     tokens, items, cores = scores.shape
     bags = torch.arange(tokens, device=rows.device).unsqueeze(-1) * num_groups + groups.long()
-    pooled = pool_bags(values, rows.reshape(-1), bags.reshape(-1), scores.reshape(-1, cores),
-                       tokens * num_groups, col_start, value_dim)
+    pooled = pool(values, rows.reshape(-1), bags.reshape(-1), scores.reshape(-1, cores),
+                  tokens * num_groups, col_start, value_dim)
     return pooled.view(tokens, num_groups, values.shape[1])  # [t, e, w]

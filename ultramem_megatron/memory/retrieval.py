@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import UltraMemConfig
-from .selection import (batch_normed, selection_dtype, tucker_key_scores, tucker_keys,
-                        tucker_query, two_phase_topk, upcast)
+from ..kernels.choice import two_phase_topk_for
+from .selection import (batch_normed, rank1_scores, selection_dtype, tucker_key_scores,
+                        tucker_keys, tucker_query, upcast)
 
 
 def make_norm(kind: str, width: int, dtype: torch.dtype, device=None) -> nn.Module:
@@ -125,7 +126,7 @@ def key_balance_loss(s_row: torch.Tensor, s_col: torch.Tensor, u: torch.Tensor, 
     total = s_row.new_zeros(())
     for scores, filter_vec in ((s_row, u), (s_col, t)):
         tokens, heads, num_keys = scores.shape[:3]
-        f = torch.einsum("thar,hr->tha", scores, filter_vec.to(scores.dtype))  # [t, h, n]
+        f = rank1_scores(scores, filter_vec)  # [t, h, n]
         prob_sum = f.softmax(-1).sum(0)  # [h, n]
         with torch.no_grad():
             chosen = f.topk(width, -1).indices.transpose(0, 1).reshape(heads, -1)  # [h, t*w]
@@ -173,6 +174,7 @@ class TuckerRetrieval(nn.Module):
         self.register_buffer("rank1_row", torch.zeros(heads, r, device=device))
         self.register_buffer("rank1_col", torch.zeros(heads, r, device=device))
         self._aux_cache: tuple | None = None  # (cores key, penalty [], gradient [h, r, s])
+        self._keys_cache: tuple | None = None  # (keys key, normed keys), inference only
         self._balance: torch.Tensor | None = None  # the last training forward's key balance
 
     def key_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,7 +182,21 @@ class TuckerRetrieval(nn.Module):
         centring = (partial(token_batch_normed, self.query_bn, token_sum=self.token_sum)
                     if self.query_bn is not None else None)
         query = tucker_query(x, self.query_proj.weight, self.query_norm, centring)  # [t, 2, k]
-        return tucker_key_scores(query, tucker_keys(self.keys, self.key_norm))
+        return tucker_key_scores(query, self.normed_keys())
+
+    def normed_keys(self) -> torch.Tensor:
+        """The keys normed over k, fp32 [h, 2, n, r, k]. Without autograd (inference, evaluation)
+        they are computed once and kept, laid out so each axis's [h*n*r, k] matrix is a view,
+        until the keys or their norm change; refresh_rank1() drops them after every optimizer
+        step (megatron's optimizers write through `.data`, which the key does not see)."""
+        if torch.is_grad_enabled():
+            return tucker_keys(self.keys, self.key_norm)
+        key = tuple((p._version, p.data_ptr(), p.device, p.dtype)
+                    for p in (self.keys, *self.key_norm.parameters()))
+        if self._keys_cache is None or self._keys_cache[0] != key:
+            normed = tucker_keys(self.keys, self.key_norm)
+            self._keys_cache = (key, normed.transpose(0, 1).contiguous().transpose(0, 1))
+        return self._keys_cache[1]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s_row, s_col = self.key_scores(x)
@@ -189,7 +205,8 @@ class TuckerRetrieval(nn.Module):
             self._balance = self.cfg.key_balance_weight * key_balance_loss(
                 s_row, s_col, self.rank1_row, self.rank1_col, self.cfg.candidates_per_axis,
                 self.token_sum)
-        virtual_idx, core_scores = two_phase_topk(
+        select = two_phase_topk_for(self.cfg.kernel, s_row)  # torch or Triton (kernels/)
+        virtual_idx, core_scores = select(
             s_row, s_col, self.cores, self.rank1_row, self.rank1_col,
             self.cfg.candidates_per_axis, self.cfg.topk)
         tokens = x.shape[0]
@@ -199,6 +216,7 @@ class TuckerRetrieval(nn.Module):
     def refresh_rank1(self) -> None:
         """Recompute (u, t) and the aux-loss cache from the current cores; call once per
         optimizer step. One device->host copy of sum_c C_c and one host->device copy back."""
+        self._keys_cache = None
         svd = core_sum_svd(self.cores)
         u, t = rank1_filter(self.cores, self.rank1_row, self.rank1_col, svd)
         self.rank1_row.copy_(u)

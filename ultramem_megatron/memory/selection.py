@@ -67,6 +67,17 @@ def tucker_key_scores(query: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Te
     return s_row.view(tokens, heads, n, r), s_col.view(tokens, heads, n, r)
 
 
+def rank1_scores(scores: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+    """The rank-1 filter's key scores sum_r scores[..., r] vec[h, r]: scores [t, h, n, r], vec
+    [h, r] -> [t, h, n], in scores' dtype. A loop over the (small) Tucker rank: 3x faster on
+    CPU than the einsum, which permutes scores into a batched matmul of inner width r."""
+    vec = vec.to(scores.dtype).unsqueeze(-2)  # [h, 1, r]
+    out = scores[..., 0] * vec[..., 0]
+    for i in range(1, scores.shape[-1]):
+        out = out + scores[..., i] * vec[..., i]
+    return out
+
+
 def two_phase_topk(s_row: torch.Tensor, s_col: torch.Tensor, cores: torch.Tensor,
                    u: torch.Tensor, t: torch.Tensor, width: int, topk: int
                    ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,8 +93,8 @@ def two_phase_topk(s_row: torch.Tensor, s_col: torch.Tensor, cores: torch.Tensor
     s_row, s_col = upcast(s_row), upcast(s_col)
     cores = cores.to(s_row.dtype)
     with torch.no_grad():  # phase 1: selection only
-        row_idx = torch.einsum("thar,hr->tha", s_row, u.to(s_row.dtype)).topk(width, -1).indices
-        col_idx = torch.einsum("thbr,hr->thb", s_col, t.to(s_row.dtype)).topk(width, -1).indices
+        row_idx = rank1_scores(s_row, u).topk(width, -1).indices  # [t, h, w]
+        col_idx = rank1_scores(s_col, t).topk(width, -1).indices
     row_cand = s_row.gather(2, row_idx.unsqueeze(-1).expand(-1, -1, -1, rank))  # [t, h, w, r]
     col_cand = s_col.gather(2, col_idx.unsqueeze(-1).expand(-1, -1, -1, rank))  # [t, h, w, r]
     with torch.no_grad():  # phase 2 ranking: sum_c S_c = S_row^T (sum_c C_c) S_col

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.choice import pool_bags_for
 from .lookup import lookup_pool
 
 
@@ -61,11 +62,13 @@ class ImplicitValueExpansion(nn.Module):
 
     def __init__(self, num_values: int, value_dim: int, expansion: int, hidden_size: int,
                  shuffle_seed: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | None = None, table_slice: TableSlice | None = None):
+                 device: torch.device | None = None, table_slice: TableSlice | None = None,
+                 kernel: str = "auto"):
         super().__init__()
         self.num_values, self.value_dim = num_values, value_dim
         self.expansion = expansion
         self.shuffle_seed = shuffle_seed
+        self.kernel = kernel  # model.ultramem.kernel (kernels/choice.py)
         self.table_slice = table_slice or TableSlice.whole(num_values, value_dim)
         part = self.table_slice
         self.values = nn.Parameter(torch.empty(part.rows, part.cols, dtype=dtype, device=device))
@@ -94,8 +97,13 @@ class ImplicitValueExpansion(nn.Module):
         Split in two so a parallel wrapper can start its communication here and finish it when
         the output is needed (blocks later); on one device the work is all done here."""
         rows, groups = self.locate(virtual_idx)
-        out = self.out_proj(lookup_pool(self.values, rows, groups, scores, self.expansion))
+        out = self.out_proj(lookup_pool(self.values, rows, groups, scores, self.expansion,
+                                        pool=self.pool_fn()))
         return lambda: out
+
+    def pool_fn(self) -> Callable[..., torch.Tensor]:
+        """lookup.pool_bags or its Triton kernel, as model.ultramem.kernel chooses here."""
+        return pool_bags_for(self.kernel, self.values)
 
     def forward(self, virtual_idx: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """virtual_idx [t, k]; per-core scores [t, k, c] -> [t, D]."""

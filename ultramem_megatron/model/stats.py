@@ -28,12 +28,13 @@ FLOPs: forward FLOPs per token, 2 per multiply-accumulate.
                     seq_length square, as megatron's unfused DotProductAttention computes them
                     (the causal mask is applied after the product, so the masked half is counted;
                     a flash / fused kernel does about half of that), and in memory layers the
-                    query projection, the causal depthwise query conv, key scoring, the phase-1
-                    rank-1 filter, the phase-2 candidate grid and per-core re-scoring (UltraMem)
-                    or the sub-key scores (PKM).
+                    query projection, the causal depthwise query conv, key scoring, the phase-2
+                    candidate grid and per-core re-scoring (UltraMem) or the sub-key scores (PKM).
   attention_flops   the attention-score part of matmul_flops (4 * seq * D per layer per token).
   other_flops       value pooling, an embedding_bag FlopCounterMode does not count: 2*H*m*D_v per
-                    UltraMem layer, 2*heads*k*D per PKM layer.
+                    UltraMem layer, 2*heads*k*D per PKM layer; and UltraMem's phase-1 rank-1
+                    filter, elementwise multiply-adds over the Tucker rank (selection.rank1_scores):
+                    2 * 2*H*sqrt(E)n*r per layer.
   Not counted: norms, activations, softmax, top-k, embedding lookups, the loss, the key-table
   norm (once per batch, not per token).
   flops_per_token   training FLOPs per token = 3 x forward (backward = 2 x forward).
@@ -95,7 +96,7 @@ class _Part:
     total: int = 0       # parameters
     activated: int = 0   # parameters one token reads
     matmul: int = 0      # MACs per token counted by FlopCounterMode
-    other: int = 0       # MACs per token outside it (embedding_bag pooling)
+    other: int = 0       # MACs per token outside it (embedding_bag pooling, rank-1 filter)
 
 
 def _norm_params(normalization: str, width: int) -> int:
@@ -129,13 +130,14 @@ def _ultramem(model: ModelConfig) -> _Part:
     matmul = (
         conv + query
         + 2 * heads * keys_per_axis * rank * key_dim                  # row + column key scores
-        + 2 * heads * keys_per_axis * rank                            # phase-1 rank-1 filter u, t
         + heads * width * rank * rank                                 # grid: S_row^T (sum_c C_c)
         + heads * width * width * rank                                #   ... S_col, w x w cells
         + heads * topk * cores * rank * rank                          # re-score: S_row^T C_c
         + heads * topk * cores * rank                                 #   ... S_col, m cells
         + out_proj)
-    return _Part(total=dense + values, activated=dense + read, matmul=matmul, other=read)
+    rank1_filter = 2 * heads * keys_per_axis * rank                   # phase 1: S u and S t
+    return _Part(total=dense + values, activated=dense + read, matmul=matmul,
+                 other=read + rank1_filter)
 
 
 def _pkm(model: ModelConfig) -> _Part:

@@ -27,7 +27,7 @@ from megatron.core.tensor_parallel import (copy_to_tensor_model_parallel_region,
                                            reduce_scatter_to_sequence_parallel_region,
                                            set_tensor_model_parallel_attributes)
 
-from ..memory.lookup import lookup_pool, pool_bags
+from ..memory.lookup import lookup_pool
 from ..memory.values import ImplicitValueExpansion
 from .comm import all_gather_first_dim, all_to_all_first_dim
 from .layout import MemoryParallelLayout, Mode
@@ -43,10 +43,11 @@ class ShardedValueExpansion(ImplicitValueExpansion):
     def __init__(self, num_values: int, value_dim: int, expansion: int, hidden_size: int,
                  shuffle_seed: int, dtype: torch.dtype = torch.float32,
                  device: torch.device | None = None, *, mode: Mode = "value_dim",
-                 sequence_parallel: bool = False, overlap: bool = True):
+                 sequence_parallel: bool = False, overlap: bool = True, kernel: str = "auto"):
         layout = MemoryParallelLayout.from_parallel_state(mode, sequence_parallel)
         super().__init__(num_values, value_dim, expansion, hidden_size, shuffle_seed, dtype,
-                         device, table_slice=layout.table_slice(num_values, value_dim))
+                         device, table_slice=layout.table_slice(num_values, value_dim),
+                         kernel=kernel)
         self.layout, self.overlap = layout, overlap
         self.values.allreduce = False
         # Every TP rank's slice is distinct (so each counts in the gradient norm): the values and
@@ -92,8 +93,8 @@ class ShardedValueExpansion(ImplicitValueExpansion):
                     num_bags: int) -> torch.Tensor:
         """Pool this rank's slice of the table: rows are local row indices -> [num_bags, w]."""
         part = self.table_slice
-        return pool_bags(self.values, rows, bags, scores, num_bags, part.col_start,
-                         self.value_dim)
+        return self.pool_fn()(self.values, rows, bags, scores, num_bags, part.col_start,
+                              self.value_dim)
 
     def _dispatch_columns(self, address: torch.Tensor, scores: torch.Tensor, pending
                           ) -> Callable[[], torch.Tensor]:
@@ -104,7 +105,8 @@ class ShardedValueExpansion(ImplicitValueExpansion):
             scores = all_gather_first_dim(scores, group)    # [P*T, k, c]
         part = self.table_slice
         pooled = lookup_pool(self.values, address[..., 0], address[..., 1], scores,
-                             self.expansion, part.col_start, self.value_dim)  # [P*T, e, w]
+                             self.expansion, part.col_start, self.value_dim,
+                             pool=self.pool_fn())  # [P*T, e, w]
         if size == 1:
             return lambda: pooled
         received = all_to_all_first_dim(pooled, group, pending=pending)  # block j: rank j's cols

@@ -17,6 +17,7 @@ from ..data.loader import build_datasets, dataset_sizes, iterate_batches, valida
 from ..data.prepare import ensure_prepared
 from ..data.tokenizer import load_tokenizer
 from ..model import MemoryGPT, build_model
+from ..kernels.choice import check_kernel_choice, uses_triton
 from ..model.capabilities import Capabilities
 from ..model.stats import model_stats
 from .checkpoint import (Checkpointer, TrainState, load_model_weights, read_run_config,
@@ -42,7 +43,20 @@ def machine_capabilities(run: RunConfig) -> Capabilities:
     if impl == "transformer_engine" and not caps.transformer_engine:
         raise ConfigError("train.transformer_impl=transformer_engine, but Transformer Engine "
                           "does not import here (auto or local use megatron's local layers)")
+    if run.model.family == "ultramem":   # model.ultramem.kernel=triton where it cannot run
+        try:
+            check_kernel_choice(run.model.ultramem.kernel, "cuda" if caps.cuda else "cpu")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     return replace(caps, transformer_engine=False) if impl == "local" else caps
+
+
+def memory_kernels(run: RunConfig, caps: Capabilities) -> str:
+    """', Triton memory kernels' or ', torch memory ops' for an UltraMem model, else ''."""
+    if run.model.family != "ultramem":
+        return ""
+    triton = uses_triton(run.model.ultramem.kernel, "cuda" if caps.cuda else "cpu")
+    return ", Triton memory kernels" if triton else ", torch memory ops"
 
 
 def _loss_func(model: MemoryGPT, loss_mask: torch.Tensor, output: torch.Tensor):
@@ -123,7 +137,8 @@ class Trainer:
         if self.is_logger:
             print(f"{run.model.family} model, {str(self.dtype).removeprefix('torch.')}, "
                   f"{'Transformer Engine' if self.capabilities.transformer_engine else 'local'} "
-                  f"layers; {self.capabilities.describe()}", flush=True)
+                  f"layers{memory_kernels(run, self.capabilities)}; "
+                  f"{self.capabilities.describe()}", flush=True)
         self.ddp_model = megatron_compat.wrap_data_parallel(
             self.model, run.parallel.use_distributed_optimizer)
         self.optimizer, self.scheduler = build_optimizer(run, [self.ddp_model], self.dtype)
