@@ -2,8 +2,10 @@
 
 # Usage:  python scripts/bench_layer.py            (full run on the CPU, ~70 s on 2 idle cores)
 #         python scripts/bench_layer.py --quick    (smoke run, ~10 s)
+#         python scripts/bench_layer.py --compile-selection   (adds UltraMem with compiled retrieval)
 #         python scripts/bench_layer.py --device cuda --dtype bf16 --tokens 1,256,4096,65536
-#                                                  (on a GPU; scripts/gpu_check.sh runs this)
+#                                                  (on a GPU: Triton memory kernels, and the torch
+#                                                  ops side by side; scripts/gpu_check.sh runs this)
 #
 # Sizing (defaults D=512):
 #   UltraMem  n=128 keys per axis -> N=n^2 values of width D_v=D/2 (4.2M at D=512), H=2, m=32,
@@ -26,6 +28,7 @@
 # full device time plus launch overhead.
 
 import argparse
+import copy
 import dataclasses
 import os
 import statistics
@@ -42,6 +45,7 @@ warnings.filterwarnings("ignore", message="full scope is deprecated")
 
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
+from ultramem_megatron.kernels.choice import uses_triton  # noqa: E402
 from ultramem_megatron.megatron_compat import (  # noqa: E402
     build_dense_mlp, build_moe_layer, initialize_single_process)
 from ultramem_megatron.memory import (  # noqa: E402
@@ -66,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--moe-experts", type=int, default=None, help="default: match UltraMem params")
     p.add_argument("--dispatcher", choices=["alltoall", "allgather"], default="alltoall")
     p.add_argument("--dense-ffn", type=int, default=None, help="default: match UltraMem FLOPs")
-    p.add_argument("--tokens", type=str, default="1,16,256,4096", help="comma-separated")
+    p.add_argument("--tokens", type=str, default="1,16,256,1024,4096", help="comma-separated")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=15)
@@ -74,11 +78,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                    help="parameter and activation dtype of all four layers")
+    p.add_argument("--kernel", choices=["auto", "torch", "triton"], default="auto",
+                   help="UltraMem's memory ops (model.ultramem.kernel): auto = Triton on cuda")
+    p.add_argument("--compile-selection", action="store_true",
+                   help="also time UltraMem with its retrieval under torch.compile")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: D=128, n=32, PKM k=16, tokens 1,16,256, 1 warmup, 3 repeats")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device")
+    if args.device == "cpu" and args.kernel == "triton":
+        p.error("--kernel triton needs --device cuda (on the CPU Triton only runs interpreted: "
+                "scripts/bench_kernels.py checks it there)")
     if args.quick:
         args.hidden, args.num_keys, args.pkm_topk, args.tokens = 128, 32, 16, "1,16,256"
         args.warmup, args.repeats = 1, 3
@@ -199,6 +210,23 @@ def time_cell(layers: dict, tokens: int, hidden: int, train: bool, warmup: int, 
 
 # ---- main -------------------------------------------------------------------------------------
 
+def ultramem_variant(layer: UltraMemLayer, kernel: str | None = None,
+                     compiled: bool = False) -> UltraMemLayer:
+    """A copy of the layer (same weights) on other memory ops, or with torch.compile'd retrieval."""
+    variant = copy.deepcopy(layer)
+    if kernel is not None:
+        variant.retrieval.cfg = dataclasses.replace(variant.retrieval.cfg, kernel=kernel)
+        variant.values.kernel = kernel
+    if compiled:
+        variant.retrieval = torch.compile(variant.retrieval, dynamic=False)
+    return variant
+
+
+def ratios(cells: dict, other: str) -> list[tuple[int, float]]:
+    """(T, UltraMem time / other's time) for every token count."""
+    return [(t, med["ultramem"] / med[other]) for t, med in cells.items()]
+
+
 def closest(target: float, candidates, size) -> int:
     return min(candidates, key=lambda c: abs(size(c) - target))
 
@@ -246,7 +274,7 @@ def main(argv=None) -> None:
 
     um_cfg = UltraMemConfig(num_keys=args.num_keys, key_dim=args.key_dim, topk=args.topk,
                             value_dim=args.value_dim, num_heads=args.heads,
-                            expansion=args.expansion)
+                            expansion=args.expansion, kernel=args.kernel)
     ultramem = UltraMemLayer(config, um_cfg)
     um_params = numel(ultramem)
     um_values = ultramem.values.values.numel()
@@ -351,6 +379,15 @@ def main(argv=None) -> None:
 
     layers = {"ultramem": (ultramem.to(device), True), "pkm": (pkm.to(device), True),
               "moe": (moe.to(device), False), "dense": (dense.to(device), False)}
+    if uses_triton(args.kernel, device.type):  # the same weights on the torch ops, side by side
+        layers["ultramem_torch"] = (ultramem_variant(ultramem, kernel="torch"), True)
+        names["ultramem_torch"] = "UltraMem (torch ops)"
+    if args.compile_selection:
+        layers["ultramem_compiled"] = (ultramem_variant(ultramem, compiled=True), True)
+        names["ultramem_compiled"] = "UltraMem (compiled retrieval)"
+    print(f"UltraMem's memory ops: {'Triton kernels' if uses_triton(args.kernel, device.type) else 'torch'}"
+          f" (--kernel {args.kernel})")
+    print()
     generator = torch.Generator().manual_seed(args.seed)
     load_before = load_now()
     start = time.perf_counter()
@@ -359,12 +396,15 @@ def main(argv=None) -> None:
         print(f"## {title}: median time per call, and ratio to UltraMem (lower = faster)")
         print("| T | " + " | ".join(names.values()) + " |")
         print("|---:|" + "---:|" * len(names))
+        cells = {}
         for t in args.tokens:
-            med = time_cell(layers, t, d, train, args.warmup, args.repeats, generator, device,
-                            dtype)
+            med = cells[t] = time_cell(layers, t, d, train, args.warmup, args.repeats, generator,
+                                       device, dtype)
             print(f"| {t} | " + " | ".join(
                 f"{fmt_time(med[k])} ({med[k] / med['ultramem']:.2f}x)" for k in names) + " |")
             sys.stdout.flush()
+        print(f"UltraMem / dense: {', '.join(f'{t}: {r:.2f}x' for t, r in ratios(cells, 'dense'))}"
+              f"; UltraMem / MoE: {', '.join(f'{t}: {r:.2f}x' for t, r in ratios(cells, 'moe'))}")
         print()
     print(f"timed section: {time.perf_counter() - start:.1f} s; 1-min load average before "
           f"{load_before} (other processes: well under 1 on a quiet machine; near or above 1, "

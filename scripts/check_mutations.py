@@ -173,6 +173,21 @@ MUTATIONS = {
         "    for c in range(1):\n",
         ["tests/kernels/test_topm.py"],
     ),
+    "inference keeps normed keys across optimizer steps (no drop at refresh)": (
+        "ultramem_megatron/memory/retrieval.py",
+        "        self._keys_cache = None\n        svd = core_sum_svd",
+        "        svd = core_sum_svd",
+    ),
+    "normed-keys cache blind to the key norm's parameters": (
+        "ultramem_megatron/memory/retrieval.py",
+        "for p in (self.keys, *self.key_norm.parameters()))",
+        "for p in (self.keys,))",
+    ),
+    "rank-1 filter scores the row axis with t too": (
+        "ultramem_megatron/memory/selection.py",
+        "        row_idx = rank1_scores(s_row, u)",
+        "        row_idx = rank1_scores(s_row, t)",
+    ),
     "lookup kernel: every column scaled by core 0's score": (
         "ultramem_megatron/kernels/lookup_pool.py",
         "    core = (col_start + cols) // chunk ",

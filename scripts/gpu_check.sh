@@ -6,11 +6,16 @@
 #      builds it (TE spec where TE imports), fusions megatron accepts, the checkpoint-format
 #      contract (with the real TE spec where TE imports)   tests/model/test_capabilities.py,
 #                                                           tests/model/test_checkpoint_format.py
-#   2. the memory-layer tests (CPU tensors, the image's torch)              tests/memory
+#   2. the memory-layer tests (CPU tensors, the image's torch), and the Triton kernels' tests
+#      compiled for this GPU (kernel vs torch reference, the layer with kernel=triton)
+#                                                                  tests/memory, tests/kernels
 #   3. 20 bf16 steps of every family, with Transformer Engine when it imports and with megatron's
 #      local layers; the UltraMem checkpoint exported to HF and loaded in transformers, logits
 #      compared with megatron's                                   scripts/gpu_train_check.py
-#   4. the layer benchmark on cuda in bf16                        scripts/bench_layer.py
+#   4. the kernels against their torch references at the 151M recipe's shapes: time, ratio,
+#      achieved DRAM bandwidth (% of peak), max error             scripts/bench_kernels.py
+#   5. the layer benchmark on cuda in bf16: UltraMem (Triton kernels, and torch ops side by side)
+#      vs PKM vs MoE vs dense, forward (decode) and fwd+bwd       scripts/bench_layer.py
 #
 # Environment decision. The device machine reaches no package registry, so `pip install` from
 # PyPI is impossible there. Its plain python3 is Python 3.12 with a CUDA torch, transformers,
@@ -36,7 +41,7 @@ cd "$(dirname "$0")/.."
 
 MCORE_VERSION=${MCORE_VERSION:-0.19.2}   # the production line (make test-prod runs it on CPU)
 DEVICE_PYTHON_VERSION=${DEVICE_PYTHON_VERSION:-3.12}
-TOKENS=${TOKENS:-1,16,256,4096,65536}
+TOKENS=${TOKENS:-1,16,64,256,1024,4096}
 STEPS=${STEPS:-20}
 SITE=/tmp/site
 
@@ -105,15 +110,17 @@ print(f"GPU: {torch.cuda.get_device_name()}, "
       f"capability {torch.cuda.get_device_capability()}")
 EOF
 
-step "config matrix and checkpoint format" 75 config_matrix.log \
+step "config matrix and checkpoint format" 60 config_matrix.log \
     $PY -m pytest -q -p no:cacheprovider tests/model/test_capabilities.py \
     tests/model/test_checkpoint_format.py
-step "pytest tests/memory (CPU tensors)" 75 - \
-    $PY -m pytest -q -x -p no:cacheprovider tests/memory
-step "bf16 training, every family; HF export parity" 240 gpu_train.md \
+step "pytest tests/memory (CPU tensors) and tests/kernels (compiled Triton)" 75 kernel_tests.log \
+    $PY -m pytest -q -p no:cacheprovider -m "not slow" tests/memory tests/kernels
+step "bf16 training, every family; HF export parity" 180 gpu_train.md \
     $PY scripts/gpu_train_check.py --out /tmp/gpu_train --steps "$STEPS"
-step "bench_layer cuda bf16" 90 bench_cuda_bf16.md \
-    $PY scripts/bench_layer.py --device cuda --dtype bf16 --tokens "$TOKENS"
+step "bench_kernels cuda bf16 (151M shapes)" 60 bench_kernels.md \
+    $PY scripts/bench_kernels.py --device cuda --dtype bf16 --repeats 10
+step "bench_layer cuda bf16" 80 bench_cuda_bf16.md \
+    $PY scripts/bench_layer.py --device cuda --dtype bf16 --tokens "$TOKENS" --repeats 10
 
 echo
 echo "===== after ====="

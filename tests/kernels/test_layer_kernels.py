@@ -1,5 +1,5 @@
-"""model.ultramem.kernel=triton end to end on the interpreter: the layer, a sharded layout's
-local pooling, and training through train.py give what the torch path gives."""
+"""model.ultramem.kernel=triton end to end (compiled on CUDA, interpreted on the CPU): the layer
+and training through train.py give what the torch path gives."""
 
 import copy
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import transformer_config
+from tests.kernels.conftest import DEVICE
 from tests.training.conftest import losses, train
 from ultramem_megatron.memory import UltraMemConfig, UltraMemLayer
 
@@ -21,7 +22,7 @@ def layer_pair(**overrides):
     kernels = UltraMemLayer(transformer_config(hidden_size=16),
                             UltraMemConfig(**fields, kernel="triton"))
     kernels.load_state_dict(copy.deepcopy(reference.state_dict()))
-    return reference, kernels
+    return reference, kernels.to(DEVICE)
 
 
 @pytest.mark.parametrize("overrides", [{}, {"expansion": 9, "num_cores": 3, "value_dim": 9},
@@ -32,12 +33,13 @@ def test_layer_forward_and_gradients_match_torch(overrides):
     x = torch.randn(7, 2, 16)
     probe = torch.randn(7, 2, 16)
     results = []
-    for layer in (reference, kernels):
+    for layer in (reference, kernels):   # the torch reference on the CPU, the kernels on DEVICE
+        device = layer.retrieval.keys.device
         layer.refresh_rank1()
-        out, aux = layer(x)
-        ((out * probe).sum() + aux).backward()
-        results.append((out.detach(), aux.detach(),
-                        {name: p.grad for name, p in layer.named_parameters()}))
+        out, aux = layer(x.to(device))
+        ((out * probe.to(device)).sum() + aux).backward()
+        results.append((out.detach().cpu(), aux.detach().cpu(),
+                        {name: p.grad.cpu() for name, p in layer.named_parameters()}))
     (out_ref, aux_ref, grads_ref), (out_ker, aux_ker, grads_ker) = results
     torch.testing.assert_close(out_ker, out_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(aux_ker, aux_ref)
@@ -57,7 +59,7 @@ def test_the_layer_runs_the_kernels(monkeypatch):
     with torch.no_grad():
         reference.eval()(torch.randn(3, 1, 16))
         assert calls == []
-        kernels.eval()(torch.randn(3, 1, 16))
+        kernels.eval()(torch.randn(3, 1, 16, device=DEVICE))
     assert sorted(calls) == ["_segment_pool", "two_phase_select"]
 
 
