@@ -101,6 +101,12 @@ class ParallelConfig:
     memory_parallel_size: int = 1         # P: data-parallel ranks that shard each value table
     memory_parallel_mode: Literal["value_dim", "row"] = "value_dim"
     overlap_memory_comm: bool = True      # leave the last exchange in flight until the span's end
+    # megatron DDP: reduce each gradient bucket asynchronously as soon as the last micro-batch's
+    # backward has produced it (instead of all of them after the backward), and gather the
+    # distributed optimizer's updated parameters bucket by bucket during the next forward
+    # (needs use_distributed_optimizer and overlap_grad_reduce). docs/parallelism.md.
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
 
     def world_size_error(self, world_size: int) -> Optional[str]:
         """Why this layout cannot run on world_size processes (None when it can)."""
@@ -394,6 +400,13 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"model.family is {model.family!r} but the model.{needs} section is missing")
     if model.family in ("ultramem", "pkm") and not spans:
         raise ConfigError(f"model.family {model.family!r} needs model.memory_spans, e.g. '1:2'")
+    if parallel.overlap_param_gather and not parallel.use_distributed_optimizer:
+        raise ConfigError("parallel.overlap_param_gather needs parallel.use_distributed_optimizer "
+                          "(only the distributed optimizer gathers parameters after its step)")
+    if parallel.overlap_param_gather and not parallel.overlap_grad_reduce:
+        raise ConfigError("parallel.overlap_param_gather needs parallel.overlap_grad_reduce "
+                          "(megatron overlaps the parameter gather only together with the "
+                          "gradient reduce-scatter, as megatron-LM's arguments require)")
     spans = model.active_spans()
     if model.family == "ultramem":
         _validate_memory_parallel(model, parallel)

@@ -1,8 +1,12 @@
-"""The Triton lookup-and-pool kernels against memory.lookup.pool_bags and a float64 loop."""
+"""The Triton lookup-and-pool kernels against memory.lookup.pool_bags and a float64 loop.
+
+Inputs are drawn on the CPU; the kernels get them on DEVICE (CUDA when there is one, else the CPU
+under the Triton interpreter) and their outputs and gradients are compared back on the CPU."""
 
 import pytest
 import torch
 
+from tests.kernels.conftest import DEVICE
 from ultramem_megatron.kernels.lookup_pool import pool_bags_bwd, pool_bags_fwd, triton_pool_bags
 from ultramem_megatron.memory.lookup import pool_bags
 
@@ -36,14 +40,18 @@ def labelled(name: str):
     return lambda message: f"{name}: {message}"
 
 
-def outputs_and_grads(fn, table, rows, bags, scores, *args, grad_seed=1):
+def outputs_and_grads(fn, table, rows, bags, scores, *args, grad_seed=1,
+                      device=torch.device("cpu")):
     """fn's output and its (table, scores) gradients for a fixed random output gradient (bf16
-    values, so it is the same in every dtype)."""
-    table = table.detach().requires_grad_()
-    scores = scores.detach().requires_grad_()
-    out = fn(table, rows, bags, scores, *args)
+    values, so it is the same in every dtype), returned on the CPU. fn gets table, rows, bags and
+    scores on `device` (DEVICE for the kernels, the CPU for the references), the gradient leaves
+    made there."""
+    table = table.to(device).detach().requires_grad_()
+    scores = scores.to(device).detach().requires_grad_()
+    out = fn(table, rows.to(device), bags.to(device), scores, *args)
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).bfloat16()
-    return (out, *torch.autograd.grad(out, (table, scores), grad.to(out.dtype)))
+    grads = torch.autograd.grad(out, (table, scores), grad.to(out.device, out.dtype))
+    return tuple(x.cpu() for x in (out, *grads))
 
 
 @pytest.mark.parametrize("width", [24, 200])
@@ -53,7 +61,7 @@ def test_fp32_matches_reference_and_float64_loop(cores, groups, width):
     gen = torch.Generator().manual_seed(cores * 100 + groups * 10 + width)
     rows, bags, scores, num_bags = lookup_items(4, 20, groups, 7, cores, gen)
     table = torch.randn(7, width, generator=gen)
-    got = outputs_and_grads(triton_pool_bags, table, rows, bags, scores, num_bags)
+    got = outputs_and_grads(triton_pool_bags, table, rows, bags, scores, num_bags, device=DEVICE)
     ref = outputs_and_grads(pool_bags, table, rows, bags, scores, num_bags)
     exact = outputs_and_grads(loop_reference, table.double(), rows, bags, scores.double(),
                               num_bags)
@@ -75,7 +83,7 @@ def test_column_slice_cuts_core_chunks(col_start, width, value_dim, cores):
     rows, bags, scores, num_bags = lookup_items(3, 12, 4, 9, cores, gen)
     table = torch.randn(9, width, generator=gen)
     args = (table, rows.int(), bags, scores, num_bags, col_start, value_dim)
-    got = outputs_and_grads(triton_pool_bags, *args)
+    got = outputs_and_grads(triton_pool_bags, *args, device=DEVICE)
     ref = outputs_and_grads(pool_bags, *args)
     exact = outputs_and_grads(loop_reference, table.double(), rows.int(), bags, scores.double(),
                               *args[4:])
@@ -96,7 +104,7 @@ def test_bf16_table_accumulates_in_fp32(cores, score_dtype):
     rows, bags, scores, num_bags = lookup_items(3, 40, 1, 5, cores, gen)
     table = torch.randn(5, 72, generator=gen).bfloat16()
     scores = scores.to(score_dtype)
-    got = outputs_and_grads(triton_pool_bags, table, rows, bags, scores, num_bags)
+    got = outputs_and_grads(triton_pool_bags, table, rows, bags, scores, num_bags, device=DEVICE)
     exact = outputs_and_grads(loop_reference, table.double(), rows, bags, scores.double(),
                               num_bags)
     for name, g, e, dtype in zip(["out", "d_table", "d_scores"], got, exact,
@@ -111,8 +119,10 @@ def test_backward_is_bitwise_reproducible():
     gen = torch.Generator().manual_seed(3)
     rows, bags, scores, num_bags = lookup_items(4, 30, 2, 3, 2, gen)  # 3 rows: long row runs
     table = torch.randn(3, 40, generator=gen).bfloat16()
-    first = outputs_and_grads(triton_pool_bags, table, rows, bags, scores, num_bags)
-    second = outputs_and_grads(triton_pool_bags, table, rows, bags, scores, num_bags)
+    first = outputs_and_grads(triton_pool_bags, table, rows, bags, scores, num_bags,
+                              device=DEVICE)
+    second = outputs_and_grads(triton_pool_bags, table, rows, bags, scores, num_bags,
+                               device=DEVICE)
     for name, a, b in zip(["out", "d_table", "d_scores"], first, second):
         assert torch.equal(a, b), name
 
@@ -121,25 +131,28 @@ def test_no_items_gives_zeros():
     table = torch.randn(4, 8)
     rows = bags = torch.zeros(0, dtype=torch.long)
     out, d_table, d_scores = outputs_and_grads(triton_pool_bags, table, rows, bags,
-                                               torch.zeros(0, 2), 3)
+                                               torch.zeros(0, 2), 3, device=DEVICE)
     assert out.shape == (3, 8) and not out.any() and not d_table.any() and d_scores.shape == (0, 2)
 
 
 def test_rejects_width_not_divisible_by_cores():
+    table, rows, bags, scores = (x.to(DEVICE) for x in (
+        torch.randn(4, 10), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long),
+        torch.randn(2, 3)))
     with pytest.raises(ValueError, match="not divisible"):
-        triton_pool_bags(torch.randn(4, 10), torch.zeros(2, dtype=torch.long),
-                         torch.zeros(2, dtype=torch.long), torch.randn(2, 3), 1)
+        triton_pool_bags(table, rows, bags, scores, 1)
 
 
 def test_custom_ops_pass_opcheck():
     """Schema, fake tensors (register_fake) and the autograd registration as torch checks them."""
     gen = torch.Generator().manual_seed(5)
     rows, bags, scores, num_bags = lookup_items(2, 6, 2, 4, 2, gen)
-    table = torch.randn(4, 12, generator=gen, requires_grad=True)
+    table = torch.randn(4, 12, generator=gen).to(DEVICE).requires_grad_()
+    rows, bags, scores = rows.to(DEVICE), bags.to(DEVICE), scores.to(DEVICE)
     torch.library.opcheck(pool_bags_fwd, (table, rows, bags, scores.requires_grad_(), num_bags,
                                           2, 16))
-    torch.library.opcheck(pool_bags_bwd, (torch.randn(num_bags, 12), table.detach(), rows, bags,
-                                          scores.detach(), 2, 16))
+    torch.library.opcheck(pool_bags_bwd, (torch.randn(num_bags, 12).to(DEVICE), table.detach(),
+                                          rows, bags, scores.detach(), 2, 16))
 
 
 def test_composes_with_torch_compile():
@@ -151,7 +164,7 @@ def test_composes_with_torch_compile():
         return triton_pool_bags(table, rows, bags, scores, num_bags).square().sum()
 
     compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
-    got = outputs_and_grads(lambda *a: compiled(*a), table, rows, bags, scores)
-    ref = outputs_and_grads(lambda *a: loss(*a), table, rows, bags, scores)
+    got = outputs_and_grads(lambda *a: compiled(*a), table, rows, bags, scores, device=DEVICE)
+    ref = outputs_and_grads(lambda *a: loss(*a), table, rows, bags, scores, device=DEVICE)
     for name, g, r in zip(["loss", "d_table", "d_scores"], got, ref):
         assert torch.equal(g, r), name

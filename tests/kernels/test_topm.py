@@ -1,8 +1,12 @@
-"""The Triton two-phase top-m against memory.selection.two_phase_topk and brute force over keys."""
+"""The Triton two-phase top-m against memory.selection.two_phase_topk and brute force over keys.
+
+Inputs are drawn on the CPU; the kernel gets them on DEVICE (CUDA when there is one, else the CPU
+under the Triton interpreter) and its outputs and gradients are compared back on the CPU."""
 
 import pytest
 import torch
 
+from tests.kernels.conftest import DEVICE
 from ultramem_megatron.kernels.topm import triton_two_phase_topk, two_phase_select
 from ultramem_megatron.memory.selection import two_phase_topk
 
@@ -16,6 +20,11 @@ def inputs(tokens: int, heads: int, num_keys: int, rank: int, cores: int,
     if integer:
         return [torch.randint(-1, 2, shape).to(dtype) for shape in shapes]
     return [torch.randn(shape, dtype=dtype) for shape in shapes]
+
+
+def on_device(tensors):
+    """The tensors as the kernel gets them: on DEVICE."""
+    return [x.to(DEVICE) for x in tensors]
 
 
 def rule_reference(s_row, s_col, cores, u, t, width, topk):
@@ -46,23 +55,25 @@ def rule_reference(s_row, s_col, cores, u, t, width, topk):
 def test_matches_reference(heads, num_keys, rank, cores, width, topk):
     s_row, s_col, core, u, t = inputs(4, heads, num_keys, rank, cores)
     leaves = [x.requires_grad_() for x in (s_row, s_col, core)]
-    idx, scores = triton_two_phase_topk(s_row, s_col, core, u, t, width, topk)
+    device_leaves = [x.to(DEVICE).detach().requires_grad_() for x in leaves]
+    idx, scores = triton_two_phase_topk(*device_leaves, *on_device((u, t)), width, topk)
     ref_idx, ref_scores = two_phase_topk(s_row, s_col, core, u, t, width, topk)
     assert idx.dtype == torch.int64 and idx.shape == ref_idx.shape
-    assert torch.equal(idx, ref_idx)
-    torch.testing.assert_close(scores, ref_scores)
-    weight = torch.randn_like(scores)
-    grads = torch.autograd.grad((scores * weight).sum(), leaves)
+    assert torch.equal(idx.cpu(), ref_idx)
+    torch.testing.assert_close(scores.cpu(), ref_scores)
+    weight = torch.randn(ref_scores.shape, dtype=ref_scores.dtype)  # on the CPU, as randn_like was
+    grads = torch.autograd.grad((scores * weight.to(DEVICE)).sum(), device_leaves)
     ref_grads = torch.autograd.grad((ref_scores * weight).sum(), leaves)
     for grad, ref_grad in zip(grads, ref_grads):
-        torch.testing.assert_close(grad, ref_grad)
+        torch.testing.assert_close(grad.cpu(), ref_grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_dtypes_as_reference(dtype):
     """float64 selects in float64, bf16 is upcast to fp32: both as the reference."""
     args = inputs(3, 2, 19, 2, 2, dtype)
-    idx, scores = triton_two_phase_topk(*args, 5, 7)
+    idx, scores = triton_two_phase_topk(*on_device(args), 5, 7)
+    idx, scores = idx.cpu(), scores.cpu()
     ref_idx, ref_scores = two_phase_topk(*args, 5, 7)
     assert torch.equal(idx, ref_idx) and scores.dtype == ref_scores.dtype
     torch.testing.assert_close(scores, ref_scores)
@@ -71,7 +82,8 @@ def test_dtypes_as_reference(dtype):
 def test_full_width_is_exact_top_m_of_key_grid():
     """With w = n phase 1 keeps every key: the result is the top-m of the whole n x n grid."""
     s_row, s_col, cores, u, t = inputs(3, 2, 23, 3, 2)
-    idx, scores = triton_two_phase_topk(s_row, s_col, cores, u, t, 23, 12)
+    idx, scores = triton_two_phase_topk(*on_device((s_row, s_col, cores, u, t)), 23, 12)
+    idx, scores = idx.cpu(), scores.cpu()
     grid = torch.einsum("thar,hrs,thbs->thab", s_row, cores.sum(0), s_col).flatten(2)  # [t, h, n*n]
     best = grid.topk(12, -1)
     assert torch.equal(idx, best.indices)
@@ -85,7 +97,8 @@ def test_full_width_is_exact_top_m_of_key_grid():
 ])
 def test_ties_follow_the_documented_rule(heads, num_keys, rank, cores, width, topk):
     args = inputs(3, heads, num_keys, rank, cores, integer=True)
-    idx, scores = triton_two_phase_topk(*args, width, topk)
+    idx, scores = triton_two_phase_topk(*on_device(args), width, topk)
+    idx, scores = idx.cpu(), scores.cpu()
     assert torch.equal(idx, rule_reference(*args, width, topk))
     s_row, s_col, core, _, _ = args
     a, b = idx // num_keys, idx % num_keys
@@ -95,12 +108,12 @@ def test_ties_follow_the_documented_rule(heads, num_keys, rank, cores, width, to
 
 
 def test_custom_op_and_fake():
-    s_row, s_col, cores, u, t = inputs(2, 2, 9, 2, 2)
+    s_row, s_col, cores, u, t = on_device(inputs(2, 2, 9, 2, 2))
     torch.library.opcheck(two_phase_select, (s_row, s_col, cores, u, t, 3, 4))
 
 
 def test_rejects_bad_sizes():
-    args = inputs(1, 1, 5, 2, 1)
+    args = on_device(inputs(1, 1, 5, 2, 1))
     with pytest.raises(ValueError):
         triton_two_phase_topk(*args, 6, 1)
     with pytest.raises(ValueError):

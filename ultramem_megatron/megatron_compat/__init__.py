@@ -15,7 +15,8 @@ from .checkpoints import (async_save_queue, drop_extra_state, load_model_state,
 from .cpu import apply_cpu_patches, enter_cpu_device_mode
 from .distributed import (_init_process_group, average_grads_over_tp, destroy_distributed, device,
                           initialize_distributed, initialize_single_process, local_device_index,
-                          wrap_data_parallel, wrap_float16)
+                          overlaps_param_gather, params_synced, set_param_gather_hooks,
+                          sync_params, wait_param_gather, wrap_data_parallel, wrap_float16)
 from .moe import moe_aux_losses
 from .layers import (build_dense_mlp, build_ffn, build_moe_layer, canonical_norm_keys,
                      fused_rope_available, param_key, standard_param_group_overrides,
@@ -28,7 +29,8 @@ __all__ = [
     "drop_extra_state", "enter_cpu_device_mode", "fused_rope_available", "initialize_distributed",
     "initialize_single_process", "load_model_state", "local_device_index", "moe_aux_losses",
     "model_sharded_state_dict", "optimizer_load_state_dict", "optimizer_sharded_state_dict",
-    "param_key", "rename_sharded_keys", "rng_tracker_states", "set_rng_tracker_states",
+    "overlaps_param_gather", "param_key", "params_synced", "set_param_gather_hooks", "sync_params",
+    "wait_param_gather", "rename_sharded_keys", "rng_tracker_states", "set_rng_tracker_states",
     "standard_param_group_overrides", "start_async_save", "transformer_engine_available",
     "unfuse_pre_mlp_norm", "use_sequence_parallel_norms", "wrap_data_parallel", "wrap_float16",
     "_init_process_group",

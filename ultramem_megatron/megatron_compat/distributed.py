@@ -126,19 +126,92 @@ def wrap_float16(model: torch.nn.Module) -> torch.nn.Module:
     return wrapped
 
 
-def wrap_data_parallel(model: torch.nn.Module, use_distributed_optimizer: bool) -> torch.nn.Module:
+def wrap_data_parallel(model: torch.nn.Module, use_distributed_optimizer: bool,
+                       overlap_grad_reduce: bool = False,
+                       overlap_param_gather: bool = False) -> torch.nn.Module:
     """megatron DistributedDataParallel (contiguous grad buffers, fp32 grad reduction) around the
     model (inside Float16Module in bf16), and the config hooks megatron's schedule uses to delay
-    and finish the grad all-reduce."""
+    and finish the grad reduction, as megatron-LM's training.py sets them for one model chunk
+    without pipelining: no_sync_func (every micro-batch but the last accumulates without
+    communication), finalize_model_grads_func (waits for / runs the reduction, then the TP sums).
+    grad_sync_func and param_sync_func are megatron-LM's only with align_grad_reduce /
+    align_param_gather, which align pipeline stages: without pipelining the backward hooks start
+    each bucket's reduction and the forward pre-hooks each bucket's gather.
+
+    overlap_grad_reduce: each bucket's reduce-scatter (all-reduce without the distributed
+    optimizer) starts asynchronously in the last micro-batch's backward, once the bucket's
+    gradients are all there. overlap_param_gather (distributed optimizer only): the optimizer
+    step no longer gathers the updated parameters; the next forward does, bucket by bucket, in
+    forward pre-hooks. Until then the model's parameters are stale: see sync_params."""
     from megatron.core.distributed import (DistributedDataParallel,
                                            DistributedDataParallelConfig, finalize_model_grads)
 
     model.to(device())
     module = wrap_float16(model) if model.config.bf16 else model
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
+        overlap_param_gather=overlap_param_gather,
         use_distributed_optimizer=use_distributed_optimizer)
     wrapped = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=module)
     model.config.no_sync_func = wrapped.no_sync
+    model.config.grad_sync_func = None
+    model.config.param_sync_func = None
     model.config.finalize_model_grads_func = finalize_model_grads
     return wrapped
+
+
+def overlaps_param_gather(ddp_model: torch.nn.Module) -> bool:
+    """Whether this DDP model gathers the distributed optimizer's parameters in forward
+    pre-hooks (so they are stale between the optimizer step and the next forward)."""
+    config = ddp_model.ddp_config
+    return bool(config.use_distributed_optimizer and config.overlap_param_gather)
+
+
+def sync_params(ddp_model: torch.nn.Module) -> None:
+    """Make every parameter current after an optimizer step whose gather is deferred (waits for
+    gathers in flight, runs the others synchronously): before anything reads parameters outside
+    a forward (rank-1 refresh, metrics, evaluation's first module, checkpoints). A no-op
+    without overlap_param_gather, where the optimizer step already gathered them. The next
+    forward's pre-hooks then find every bucket gathered and do nothing."""
+    if not overlaps_param_gather(ddp_model):
+        return
+    for group in ddp_model.bucket_groups + ddp_model.expert_parallel_bucket_groups:
+        if not group.param_gather_dispatched or group.param_gather_handle is not None:
+            group.start_param_sync(force_sync=True)
+
+
+def params_synced(ddp_model: torch.nn.Module) -> bool:
+    """True when no bucket's parameter gather is pending (always without overlap_param_gather)."""
+    if not overlaps_param_gather(ddp_model):
+        return True
+    return all(group.param_gather_dispatched and group.param_gather_handle is None
+               for group in ddp_model.bucket_groups + ddp_model.expert_parallel_bucket_groups)
+
+
+def wait_param_gather(ddp_model: torch.nn.Module, module: torch.nn.Module) -> None:
+    """Wait for the deferred gather of `module`'s parameters (all of them, recursively), exactly as
+    DDP's own forward pre-hook does for each submodule's parameters (dispatching the next
+    bucket's gather when one finishes): for a hook that must read a module's parameters before
+    its submodules' pre-hooks run. A no-op without overlap_param_gather or with the hooks off."""
+    if not overlaps_param_gather(ddp_model) or not ddp_model.remove_forward_pre_hook_handles:
+        return
+    config = ddp_model.ddp_config
+    skip_next = bool(getattr(config, "align_param_gather", False)
+                     or getattr(ddp_model, "overlap_param_gather_with_optimizer_step", False))
+    for param in module.parameters():
+        group = ddp_model.param_to_bucket_group.get(param)
+        if group is not None:
+            group.finish_param_sync(skip_next_bucket_dispatch=skip_next)
+
+
+def set_param_gather_hooks(ddp_model: torch.nn.Module, enabled: bool) -> None:
+    """megatron-LM's enable/disable_forward_pre_hook around training: off (without a gather) until
+    the first optimizer step, so the first forward does not gather parameters every rank already
+    has; on from then on. A no-op without overlap_param_gather."""
+    if not overlaps_param_gather(ddp_model):
+        return
+    hooks_on = bool(ddp_model.remove_forward_pre_hook_handles)
+    if enabled and not hooks_on:
+        ddp_model.enable_forward_pre_hook()
+    elif not enabled and hooks_on:
+        ddp_model.disable_forward_pre_hook(param_sync=False)

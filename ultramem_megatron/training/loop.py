@@ -140,7 +140,9 @@ class Trainer:
                   f"layers{memory_kernels(run, self.capabilities)}; "
                   f"{self.capabilities.describe()}", flush=True)
         self.ddp_model = megatron_compat.wrap_data_parallel(
-            self.model, run.parallel.use_distributed_optimizer)
+            self.model, run.parallel.use_distributed_optimizer,
+            overlap_grad_reduce=run.parallel.overlap_grad_reduce,
+            overlap_param_gather=run.parallel.overlap_param_gather)
         self.optimizer, self.scheduler = build_optimizer(run, [self.ddp_model], self.dtype)
         self.checkpointer = Checkpointer(train.run_dir, train.keep_last, run, train.async_save)
         self.state = TrainState()
@@ -154,11 +156,56 @@ class Trainer:
             load_model_weights(init_from, self.model)
             if self.is_logger:
                 print(f"initialized the model from {init_from}", flush=True)
+        self._defer_refresh_rank1()
         self.throughput = Throughput(  # the peak (and its unknown-device warning) on rank 0 only
             train.global_batch_size * run.model.seq_length,
             model_stats(run.model).mfu_flops_per_token,
             peak_flops_per_second(device_name(), train.peak_tflops) if self.is_logger else None,
             dist.get_world_size())
+
+    # ------------------------------------------------------------- deferred parameter gather
+
+    def _defer_refresh_rank1(self) -> None:
+        """With parallel.overlap_param_gather the optimizer step leaves the updated parameters
+        ungathered until the next forward's pre-hooks (megatron-LM's way), so the rank-1
+        refresh, which reads the Tucker cores, cannot run right after the step: each memory
+        layer's retrieval refreshes in a forward pre-hook instead, once its parameters'
+        gather is done. As in megatron-LM's training loop the gather hooks stay off until the
+        first step (every rank already holds the initial / loaded parameters)."""
+        self._refresh_pending: set = set()
+        if not megatron_compat.overlaps_param_gather(self.ddp_model):
+            return
+        megatron_compat.set_param_gather_hooks(self.ddp_model, False)
+        for layer in self.model.memory_layers():
+            module = getattr(layer, "retrieval", layer)   # UltraMem: the first module start() calls
+            module.register_forward_pre_hook(partial(self._refresh_before_forward, layer))
+
+    def _refresh_before_forward(self, layer, module, *unused) -> None:
+        # The whole layer's gather, not only the retrieval's: megatron's pre-hooks fire on module
+        # calls, and the value module is never called (UltraMemLayer.start uses its dispatch()),
+        # so without this its table would stay stale wherever the optimizer shards it (counted:
+        # scripts/bench_grad_traffic.py --count --overlap, P = 1).
+        megatron_compat.wait_param_gather(self.ddp_model, layer)
+        if layer in self._refresh_pending:
+            layer.refresh_rank1()
+            self._refresh_pending.discard(layer)
+
+    def _after_optimizer_step(self) -> None:
+        if megatron_compat.overlaps_param_gather(self.ddp_model):
+            megatron_compat.set_param_gather_hooks(self.ddp_model, True)
+            self._refresh_pending = set(self.model.memory_layers())
+        else:
+            self.model.refresh_rank1()
+
+    def sync_params(self) -> None:
+        """Every parameter current and every rank-1 filter refreshed: before anything outside a
+        forward reads them (metrics, evaluation, checkpoints, the end of the run). A no-op
+        without parallel.overlap_param_gather."""
+        megatron_compat.sync_params(self.ddp_model)
+        for layer in self.model.memory_layers():
+            if layer in self._refresh_pending:
+                layer.refresh_rank1()
+        self._refresh_pending = set()
 
     # -------------------------------------------------------------------------------- steps
 
@@ -179,7 +226,7 @@ class Trainer:
             raise FloatingPointError(f"optimizer step {self.state.step + 1} was skipped: "
                                      "non-finite gradients")
         self.scheduler.step(increment=1)
-        self.model.refresh_rank1()
+        self._after_optimizer_step()   # refresh_rank1 now, or deferred to the gathered forward
         self.state.step += 1
         self.state.consumed_samples += self.cfg.train.global_batch_size
         lm, aux = _mean_over_data_parallel([
@@ -191,6 +238,7 @@ class Trainer:
     def evaluate(self) -> Optional[float]:
         if self.valid_data is None:
             return None
+        self.sync_params()
         self.ddp_model.eval()
         batches = validation_batches(self.valid_data, self.cfg.train.micro_batch_size,
                                      self.cfg.train.eval_iters * self.num_microbatches,
@@ -229,6 +277,7 @@ class Trainer:
     # -------------------------------------------------------------------------------- loop
 
     def save(self) -> None:
+        self.sync_params()
         with signals_deferred():
             self.checkpointer.save(self.model, self.optimizer, self.scheduler, self.state)
         self.saved_step = self.state.step
@@ -264,6 +313,7 @@ class Trainer:
             if logger:
                 logger.advance()
             if step % train.log_interval == 0 or step == train.max_steps:
+                self.sync_params()   # memory_usage reads the keys and values
                 lr, value_lr = self._learning_rates()
                 record = {"step": step, **metrics, "lr": lr, "value_lr": value_lr,
                           **self._throughput_record(),
@@ -278,6 +328,7 @@ class Trainer:
                 self.throughput.restart()
             if step % train.save_interval == 0 or step == stop_at:
                 self.save()
+        self.sync_params()
         self.checkpointer.finish_pending()   # the last save is complete before the run ends
         if logger:
             logger.close()
