@@ -219,8 +219,8 @@ def test_counter_catches_injected_sync(name, monkeypatch):
     inject, (forward, backward) = INJECTED[name]
     original = values_module.lookup_pool
     monkeypatch.setattr(values_module, "lookup_pool",
-                        lambda values, rows, groups, scores, *rest:
-                        original(values, rows, groups, inject(scores), *rest))
+                        lambda values, rows, groups, scores, *rest, **options:
+                        original(values, rows, groups, inject(scores), *rest, **options))
     phases = [phase for phase, _ in run_tiny(tiny_layer())]
     assert (phases.count("forward"), phases.count("backward")) == (forward, backward), phases
 
