@@ -65,9 +65,10 @@ def test_the_layer_runs_the_kernels(monkeypatch):
 
 @pytest.mark.slow
 def test_training_with_kernels_matches_torch(tmp_path):
-    """3 steps of a small UltraMem model (BatchNorm + key balance) through train.py: the Triton
-    kernels (interpreted, so the model is small) reproduce the torch path's losses."""
-    steps = ["train.max_steps=3", "train.eval_iters=1", "model.seq_length=16",
+    """2 steps of a small UltraMem model (BatchNorm + key balance) through train.py: the Triton
+    kernels (interpreted, so the model is small) reproduce the torch path's losses, the second
+    after an optimizer step and a rank-1 refresh."""
+    steps = ["train.max_steps=2", "train.eval_iters=1", "model.seq_length=16",
              "train.micro_batch_size=1", "train.global_batch_size=2",
              "model.ultramem.num_keys=4", "model.ultramem.topk=4"]
     reference = tmp_path / "torch"
@@ -76,6 +77,6 @@ def test_training_with_kernels_matches_torch(tmp_path):
     log = train(kernels, *steps, "model.ultramem.kernel=triton").stdout
     assert "Triton memory kernels" in log
     want, got = losses(reference), losses(kernels)
-    assert sorted(got) == [1, 2, 3]
+    assert sorted(got) == [1, 2]
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-5), (step, got, want)

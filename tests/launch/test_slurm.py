@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -68,10 +69,21 @@ def wait_for_job_step(slurm: SlurmCluster, run_dir: Path, job_id: str, step: int
 
 def requeued_and_released(slurm: SlurmCluster, run_dir: Path, job_id: str,
                           restarts: int) -> None:
-    """Wait until the job is back in the queue, then let it start now: Slurm holds a requeued
-    job about two minutes (BeginTime) before it may run again."""
+    """Wait until the job is back in the queue and its previous start has ended on the node,
+    then let it start: Slurm holds a requeued job about two minutes (BeginTime) before it may run
+    again, which this test cannot afford. The hold also keeps away a race that releasing at once
+    ran into in CI: slurmd refused the new start 0.7 s after the previous one ended ("Job 2
+    already killed, do not launch batch job", in the same second; slurmd remembers killed jobs by
+    time) and the job FAILED. So: the previous start's batch step done in slurmd.log, then two
+    seconds, then release."""
     info = slurm.wait_for(job_id, {"PENDING"}, timeout=120)
     assert info["Restarts"] == str(restarts), job_state(slurm, run_dir, job_id)
+    done = f"[{job_id}.batch] done with job"
+    deadline = time.monotonic() + 60
+    while (slurm.root / "slurmd.log").read_text(errors="replace").count(done) < restarts:
+        assert time.monotonic() < deadline, job_state(slurm, run_dir, job_id)
+        time.sleep(0.2)
+    time.sleep(2)
     slurm.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
 
 
