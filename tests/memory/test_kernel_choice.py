@@ -7,7 +7,8 @@ from ultramem_megatron.config import ConfigError, load_config
 from ultramem_megatron.kernels import choice
 from ultramem_megatron.memory.lookup import pool_bags
 from ultramem_megatron.memory.selection import two_phase_topk
-from ultramem_megatron.training.loop import machine_capabilities
+from ultramem_megatron.model.capabilities import Capabilities
+from ultramem_megatron.training.loop import machine_capabilities, memory_kernels
 
 from tests.training.conftest import ROOT
 
@@ -69,3 +70,23 @@ def test_train_refuses_triton_on_this_cpu(fresh_choice):
     machine_capabilities(load_config(TINY, ["model.ultramem.kernel=auto"]))
     with pytest.raises(ConfigError, match="kernel"):
         load_config(TINY, ["model.ultramem.kernel=cuda"])
+
+
+@pytest.mark.parametrize("has_triton", [True, False])
+def test_gpu_run_picks_and_reports_the_kernels(fresh_choice, has_triton):
+    """CUDA simulated: what train.py checks and prints on a GPU. auto follows triton's presence;
+    kernel=triton without triton is refused before any work."""
+    fresh_choice.setattr(choice, "triton_available", lambda: has_triton)
+    fresh_choice.setattr(Capabilities, "detect", classmethod(lambda cls: Capabilities(cuda=True)))
+    caps = machine_capabilities(load_config(TINY, ["model.ultramem.kernel=auto"]))
+    assert caps.cuda
+    run = load_config(TINY, [])
+    assert memory_kernels(run, caps) == (", Triton memory kernels" if has_triton
+                                         else ", torch memory ops")
+    assert memory_kernels(load_config(TINY, ["model.family=dense"]), caps) == ""
+    triton_run = load_config(TINY, ["model.ultramem.kernel=triton"])
+    if has_triton:
+        machine_capabilities(triton_run)
+    else:
+        with pytest.raises(ConfigError, match="triton does not import"):
+            machine_capabilities(triton_run)

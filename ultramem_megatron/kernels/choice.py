@@ -40,6 +40,7 @@ def check_kernel_choice(choice: str, device_type: str) -> None:
 
 @lru_cache(maxsize=None)
 def uses_triton(choice: str, device_type: str) -> bool:
+    """Whether `choice` runs the Triton kernels on this device type (refuses what cannot run)."""
     if choice == "torch" or (choice == "auto" and device_type != "cuda"):
         return False
     check_kernel_choice(choice, device_type)
