@@ -37,6 +37,7 @@ import time
 import warnings
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 warnings.filterwarnings("ignore", message="Apex is not installed")
@@ -82,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="UltraMem's memory ops (model.ultramem.kernel): auto = Triton on cuda")
     p.add_argument("--compile-selection", action="store_true",
                    help="also time UltraMem with its retrieval under torch.compile")
+    p.add_argument("--no-floor", action="store_true",
+                   help="skip the forward floor (UltraMem's own mm and top-k calls replayed alone)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: D=128, n=32, PKM k=16, tokens 1,16,256, 1 warmup, 3 repeats")
     args = p.parse_args(argv)
@@ -206,6 +209,45 @@ def time_cell(layers: dict, tokens: int, hidden: int, train: bool, warmup: int, 
             sync()
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(s) for name, s in samples.items()}
+
+
+class ReplayedOps(torch.nn.Module):
+    """A layer's forward cut down to some of its own aten calls, replayed on the tensors they got.
+
+    The first call with an input runs the layer once under a dispatch mode that records the
+    calls to `ops` (with their real arguments: the layer's query, keys and scores); every call
+    then replays just those. For UltraMem with ops = mm + topk this is a floor for any torch
+    implementation of the same selection: its GEMMs (W_q, the full-rank key scores, W_out: the
+    dense MLP's FLOPs, by the sizing) and its three top-k calls, with no gather, no phase-2 grid,
+    no lookup. Forward (no_grad) only."""
+
+    def __init__(self, layer: torch.nn.Module, ops: tuple):
+        super().__init__()
+        self.layer, self.ops = layer, ops
+        self._recorded: tuple | None = None  # (input key, [(op, args, kwargs)])
+
+    def forward(self, x: torch.Tensor) -> tuple[None, None]:
+        key = (x.data_ptr(), tuple(x.shape))
+        if self._recorded is None or self._recorded[0] != key:
+            self._recorded = (key, self._record(x))
+        for op, args, kwargs in self._recorded[1]:
+            op(*args, **kwargs)
+        return None, None
+
+    def _record(self, x: torch.Tensor) -> list:
+        calls, ops = [], self.ops
+
+        class Recorder(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func in ops:
+                    calls.append((func, args, kwargs or {}))
+                return func(*args, **(kwargs or {}))
+
+        with torch.no_grad(), Recorder():
+            self.layer(x)
+        if not calls:
+            raise RuntimeError(f"the layer's forward made none of the calls {ops}")
+        return calls
 
 
 # ---- main -------------------------------------------------------------------------------------
@@ -385,6 +427,8 @@ def main(argv=None) -> None:
     if args.compile_selection:
         layers["ultramem_compiled"] = (ultramem_variant(ultramem, compiled=True), True)
         names["ultramem_compiled"] = "UltraMem (compiled retrieval)"
+    floor = (None if args.no_floor or uses_triton(args.kernel, device.type)
+             else ReplayedOps(ultramem, (torch.ops.aten.mm.default, torch.ops.aten.topk.default)))
     print(f"UltraMem's memory ops: {'Triton kernels' if uses_triton(args.kernel, device.type) else 'torch'}"
           f" (--kernel {args.kernel})")
     print()
@@ -394,17 +438,26 @@ def main(argv=None) -> None:
     for train, title in ((False, "Forward (no_grad, eval)"),
                          (True, "Forward + backward (train)")):
         print(f"## {title}: median time per call, and ratio to UltraMem (lower = faster)")
-        print("| T | " + " | ".join(names.values()) + " |")
-        print("|---:|" + "---:|" * len(names))
+        timed, shown = dict(layers), dict(names)
+        if floor is not None and not train:
+            timed["floor"], shown["floor"] = (floor, False), "UltraMem floor (its mm + top-k)"
+        print("| T | " + " | ".join(shown.values()) + " |")
+        print("|---:|" + "---:|" * len(shown))
         cells = {}
         for t in args.tokens:
-            med = cells[t] = time_cell(layers, t, d, train, args.warmup, args.repeats, generator,
+            med = cells[t] = time_cell(timed, t, d, train, args.warmup, args.repeats, generator,
                                        device, dtype)
             print(f"| {t} | " + " | ".join(
-                f"{fmt_time(med[k])} ({med[k] / med['ultramem']:.2f}x)" for k in names) + " |")
+                f"{fmt_time(med[k])} ({med[k] / med['ultramem']:.2f}x)" for k in shown) + " |")
             sys.stdout.flush()
         print(f"UltraMem / dense: {', '.join(f'{t}: {r:.2f}x' for t, r in ratios(cells, 'dense'))}"
               f"; UltraMem / MoE: {', '.join(f'{t}: {r:.2f}x' for t, r in ratios(cells, 'moe'))}")
+        if "floor" in timed:
+            print("Floor (UltraMem's own mm and top-k calls replayed alone, a lower bound for the "
+                  "torch path) / dense: "
+                  + ", ".join(f"{t}: {m['floor'] / m['dense']:.2f}x" for t, m in cells.items())
+                  + "; / MoE: "
+                  + ", ".join(f"{t}: {m['floor'] / m['moe']:.2f}x" for t, m in cells.items()))
         print()
     print(f"timed section: {time.perf_counter() - start:.1f} s; 1-min load average before "
           f"{load_before} (other processes: well under 1 on a quiet machine; near or above 1, "
