@@ -96,11 +96,17 @@ def test_world_size_must_hold_the_parallel_layout():
     run = load_config(ROOT / "configs/tiny.yaml", ["parallel.tensor_model_parallel_size=2",
                                                    "parallel.memory_parallel_size=2"])
     assert run.parallel.world_size_error(8) is None
+    assert "memory_parallel_size (2) must divide the data-parallel size (3" in \
+        run.parallel.world_size_error(6)
+    run = load_config(ROOT / "configs/tiny.yaml", ["parallel.tensor_model_parallel_size=2",
+                                                   "parallel.pipeline_model_parallel_size=2",
+                                                   "model.memory_spans=0:1"])
+    assert run.parallel.world_size_error(4) is None
     assert "world size (6) must be a multiple of" in run.parallel.world_size_error(6)
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["parallel.memory_parallel_size=2"], r"error: the world size \(1\) must be a multiple"),
+    (["parallel.memory_parallel_size=2"], r"error: parallel.memory_parallel_size \(2\) must divide"),
     (["data.corpus=null", "data.blend=[{prefix: data/built/none, source: data/none/*.jsonl}]"],
      r"error: data.blend\[0\]: data/built/none.bin/.idx do not exist, and no file matches"),
     (["data.corpus=null", "data.blend=[{prefix: data/built/none}]"],

@@ -93,9 +93,20 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """Data parallelism takes the ranks left after TP (and, for UltraMem, P divides it)."""
+    """Data parallelism takes the ranks left after TP x PP x CP (and, for UltraMem, P divides
+    it; for MoE, EP does). docs/parallelism.md."""
 
     tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1       # PP: stages, 1F1B schedule when > 1
+    virtual_pipeline_model_parallel_size: int = 1   # model chunks per stage (interleaved 1F1B)
+    context_parallel_size: int = 1              # CP: ranks splitting each sequence
+    expert_model_parallel_size: int = 1         # EP: ranks splitting the MoE family's experts
+    # Activation recompute (megatron's): selective = the recompute_modules of every block;
+    # full = whole blocks, grouped per recompute_method / recompute_num_layers.
+    recompute_granularity: Literal["none", "selective", "full"] = "none"
+    recompute_method: Literal["uniform", "block"] = "uniform"
+    recompute_num_layers: int = 1
+    recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"])
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = True
     memory_parallel_size: int = 1         # P: data-parallel ranks that shard each value table
@@ -108,13 +119,26 @@ class ParallelConfig:
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
 
+    @property
+    def model_parallel_size(self) -> int:
+        """Ranks holding one replica of the model: TP x PP x CP."""
+        return (self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+                * self.context_parallel_size)
+
     def world_size_error(self, world_size: int) -> Optional[str]:
         """Why this layout cannot run on world_size processes (None when it can)."""
-        shards = self.tensor_model_parallel_size * self.memory_parallel_size
-        if world_size % shards:
+        names = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                 "context_parallel_size")
+        if world_size % self.model_parallel_size:
             return (f"the world size ({world_size}) must be a multiple of "
-                    f"parallel.tensor_model_parallel_size x parallel.memory_parallel_size "
-                    f"({self.tensor_model_parallel_size} x {self.memory_parallel_size})")
+                    f"parallel.{' x '.join(names)} ({self.tensor_model_parallel_size} x "
+                    f"{self.pipeline_model_parallel_size} x {self.context_parallel_size})")
+        data_parallel = world_size // self.model_parallel_size
+        for name in ("memory_parallel_size", "expert_model_parallel_size"):
+            size = getattr(self, name)
+            if data_parallel % size:
+                return (f"parallel.{name} ({size}) must divide the data-parallel size "
+                        f"({data_parallel} = world size {world_size} / TP x PP x CP)")
         return None
 
 
@@ -361,6 +385,38 @@ def _validate_memory_parallel(model: ModelConfig, parallel: ParallelConfig) -> N
                           "the causal convolution would need the previous rank's tokens")
 
 
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm", "moe_act", "moe")
+
+
+def _validate_pipeline_and_recompute(model: ModelConfig, parallel: ParallelConfig,
+                                     train: TrainConfig) -> None:
+    from .parallel.stages import span_problem
+
+    pipeline, virtual = (parallel.pipeline_model_parallel_size,
+                         parallel.virtual_pipeline_model_parallel_size)
+    if model.num_layers % (pipeline * virtual):
+        raise ConfigError(f"model.num_layers ({model.num_layers}) must be divisible by "
+                          f"parallel.pipeline_model_parallel_size x "
+                          f"virtual_pipeline_model_parallel_size ({pipeline} x {virtual})")
+    if virtual > 1 and pipeline < 2:
+        raise ConfigError("parallel.virtual_pipeline_model_parallel_size > 1 needs "
+                          "parallel.pipeline_model_parallel_size >= 2 (interleaved 1F1B)")
+    if virtual > 1 and (train.global_batch_size // train.micro_batch_size) % pipeline:
+        raise ConfigError(f"the interleaved schedule needs the number of micro-batches per "
+                          f"step a multiple of parallel.pipeline_model_parallel_size "
+                          f"({pipeline})")
+    unknown = sorted(set(parallel.recompute_modules) - set(RECOMPUTE_MODULES))
+    if unknown:
+        raise ConfigError(f"parallel.recompute_modules: {unknown} are not among "
+                          f"{list(RECOMPUTE_MODULES)}")
+    for span in model.active_spans():
+        problem = span_problem(span, model.num_layers, pipeline, virtual,
+                               parallel.recompute_granularity, parallel.recompute_method,
+                               parallel.recompute_num_layers)
+        if problem:
+            raise ConfigError(f"model.memory_spans / parallel: {problem}")
+
+
 def validate(config: RunConfig) -> None:
     """Cross-field checks, run before anything is built."""
     model, train, parallel = config.model, config.train, config.parallel
@@ -373,7 +429,13 @@ def validate(config: RunConfig) -> None:
                 "train.eval_interval": train.eval_interval, "train.eval_iters": train.eval_iters,
                 "train.save_interval": train.save_interval, "train.keep_last": train.keep_last,
                 "parallel.tensor_model_parallel_size": parallel.tensor_model_parallel_size,
-                "parallel.memory_parallel_size": parallel.memory_parallel_size}
+                "parallel.memory_parallel_size": parallel.memory_parallel_size,
+                "parallel.pipeline_model_parallel_size": parallel.pipeline_model_parallel_size,
+                "parallel.virtual_pipeline_model_parallel_size":
+                    parallel.virtual_pipeline_model_parallel_size,
+                "parallel.context_parallel_size": parallel.context_parallel_size,
+                "parallel.expert_model_parallel_size": parallel.expert_model_parallel_size,
+                "parallel.recompute_num_layers": parallel.recompute_num_layers}
     for name, value in positive.items():
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
@@ -407,12 +469,19 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("parallel.overlap_param_gather needs parallel.overlap_grad_reduce "
                           "(megatron overlaps the parameter gather only together with the "
                           "gradient reduce-scatter, as megatron-LM's arguments require)")
+    _validate_pipeline_and_recompute(model, parallel, train)
     spans = model.active_spans()
     if model.family == "ultramem":
         _validate_memory_parallel(model, parallel)
     elif parallel.memory_parallel_size > 1:
         raise ConfigError(f"parallel.memory_parallel_size > 1 shards UltraMem value tables; "
                           f"model.family is {model.family!r}")
+    if parallel.expert_model_parallel_size > 1 and model.family != "moe":
+        raise ConfigError(f"parallel.expert_model_parallel_size > 1 splits the MoE family's "
+                          f"experts; model.family is {model.family!r} (UltraMem shards its "
+                          f"values with parallel.memory_parallel_size)")
+    if parallel.context_parallel_size > 1:
+        raise ConfigError("parallel.context_parallel_size > 1 is not supported yet (issue 15)")
     if model.family == "pkm" and parallel.sequence_parallel:
         raise ConfigError("parallel.sequence_parallel is not supported with the pkm family: its "
                           "BatchNorm query needs every token of the sequence")

@@ -67,24 +67,35 @@ def device() -> torch.device:
 
 
 def initialize_distributed(tensor_parallel_size: int, seed: int, memory_parallel_size: int = 1,
-                           timeout_s: float = 600.0) -> None:
+                           timeout_s: float = 600.0, pipeline_parallel_size: int = 1,
+                           virtual_pipeline_size: int = 1, context_parallel_size: int = 1,
+                           expert_parallel_size: int = 1) -> None:
     """Process group from torchrun's environment (or a world of one), megatron parallel state,
-    seeds; on CPU also the CUDA-as-CPU shims. Data parallelism takes the remaining ranks; the
-    memory-parallel group is megatron's expert-parallel group (carved from data-parallel ranks
-    with the same TP rank), so its value shards are reduced over the expert-data-parallel group.
+    seeds; on CPU also the CUDA-as-CPU shims. Data parallelism takes the ranks left after
+    TP x PP x CP. megatron's expert-parallel group (carved from data-parallel ranks with the same
+    TP rank) is the MoE family's EP group, or UltraMem's memory-parallel group, whose value
+    shards are then reduced over the expert-data-parallel group (a model has one or the other).
     Every group's collectives give up after timeout_s (a dead or frozen peer)."""
     apply_cpu_patches()
     enter_cpu_device_mode()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "MASTER_PORT" not in os.environ:
         raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is unset: launch with torchrun")
     _init_process_group(timeout_s)
-    if dist.get_world_size() % (tensor_parallel_size * memory_parallel_size):
-        raise ValueError(f"world size {dist.get_world_size()} is not a multiple of TP x memory-"
-                         f"parallel size ({tensor_parallel_size} x {memory_parallel_size})")
+    model_parallel = tensor_parallel_size * pipeline_parallel_size * context_parallel_size
+    expert_parallel = max(memory_parallel_size, expert_parallel_size)
+    if dist.get_world_size() % (model_parallel * expert_parallel):
+        raise ValueError(f"world size {dist.get_world_size()} is not a multiple of TP x PP x CP "
+                         f"({model_parallel}) x the memory- / expert-parallel size "
+                         f"({expert_parallel})")
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size,
-                                                 expert_model_parallel_size=memory_parallel_size,
-                                                 distributed_timeout_minutes=timeout_s / 60)
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_parallel_size,
+            pipeline_model_parallel_size=pipeline_parallel_size,
+            virtual_pipeline_model_parallel_size=(virtual_pipeline_size
+                                                  if virtual_pipeline_size > 1 else None),
+            context_parallel_size=context_parallel_size,
+            expert_model_parallel_size=expert_parallel,
+            distributed_timeout_minutes=timeout_s / 60)
     random_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(random_seed)
     np.random.seed(random_seed)

@@ -107,9 +107,12 @@ class Trainer:
             raise ConfigError(world_error)
         init_from = _check_init_from(run) if train.init_from else None
         self.capabilities = machine_capabilities(run)
-        megatron_compat.initialize_distributed(run.parallel.tensor_model_parallel_size, train.seed,
-                                               run.parallel.memory_parallel_size,
-                                               train.collective_timeout_s)
+        parallel = run.parallel
+        megatron_compat.initialize_distributed(
+            parallel.tensor_model_parallel_size, train.seed, parallel.memory_parallel_size,
+            train.collective_timeout_s, parallel.pipeline_model_parallel_size,
+            parallel.virtual_pipeline_model_parallel_size, parallel.context_parallel_size,
+            parallel.expert_model_parallel_size)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         if train.global_batch_size % (train.micro_batch_size * self.dp_size):
