@@ -58,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prepare-data", action="store_true",
                         help="tokenize the config's missing data here before submitting "
                              "(default: refuse, printing the command that does it)")
+    parser.add_argument("--gpu-memory-gib", type=float, default=80.0,
+                        help="warn when the planned per-GPU memory exceeds this (default 80)")
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch command only")
     args = parser.parse_args(argv)
     for name in ("nodes", "signal_seconds"):
@@ -80,6 +82,29 @@ def check_layout(run, world_size: int, gpus_per_node: int, tasks_per_node: int) 
     if gpus_per_node and tasks_per_node != gpus_per_node:
         raise ConfigError(f"--tasks-per-node ({tasks_per_node}) must equal --gpus-per-node "
                           f"({gpus_per_node}): one rank per GPU")
+
+
+def warn_memory(run, world_size: int, gpu_memory_gib: float) -> None:
+    """Print a WARNING to stderr when scripts/plan_memory.py's per-GPU total for this job's layout
+    exceeds gpu_memory_gib (a warning only: the plan is an estimate)."""
+    from ultramem_megatron.training.memory_plan import (GIB, LayoutError, format_plan,
+                                                        layout_from_parallel, plan_memory)
+    parallel = run.parallel
+    try:
+        plan = plan_memory(run.model, layout_from_parallel(parallel, world_size),
+                           micro_batch=run.train.micro_batch_size,
+                           recompute=parallel.recompute_granularity,
+                           sequence_parallel=parallel.sequence_parallel,
+                           distributed_optimizer=parallel.use_distributed_optimizer,
+                           global_batch=run.train.global_batch_size,
+                           gpu_memory_gib=gpu_memory_gib)
+    except LayoutError as err:
+        print(f"WARNING: no memory plan for this layout: {err}", file=sys.stderr)
+        return
+    if not plan.fits:
+        print(f"WARNING: planned per-GPU memory {plan.total_bytes / GIB:.1f} GiB exceeds "
+              f"--gpu-memory-gib {gpu_memory_gib:g} (scripts/plan_memory.py):\n"
+              f"{format_plan(plan)}", file=sys.stderr)
 
 
 def check_data(run, args) -> None:
@@ -141,6 +166,8 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    if args.gpus_per_node:
+        warn_memory(run, args.nodes * args.tasks_per_node, args.gpu_memory_gib)
     if not args.dry_run and shutil.which("sbatch") is None:
         print("error: sbatch not found: run this on a Slurm login node", file=sys.stderr)
         return 2

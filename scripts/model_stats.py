@@ -5,9 +5,13 @@
 # counts beside the analytic ones: on the meta device (no memory, seconds) when the model is over
 # --meta-above parameters, otherwise on the CPU, where it also counts one forward pass
 # ([1, seq_length] tokens) with torch's FlopCounterMode beside the analytic matmul FLOPs.
-# Exit status 1 when a check disagrees.
+# With a paper model (--paper NAME, or the recipe's file name in PAPER_RECIPES) --check also
+# compares the non-embedding parameters and the paper-convention FLOPs (2 x non-embedding
+# activated) with the UltraMem v1 paper's Table 1 (../shared/docs/ultramem-spec.md section 5).
+# Exit status 1 when a check disagrees (built counts differ, or a paper count is off by > 1 %).
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -19,6 +23,22 @@ from ultramem_megatron.config import ConfigError, load_config  # noqa: E402
 from ultramem_megatron.model.stats import built_param_counts, fmt, model_stats  # noqa: E402
 
 
+# UltraMem v1 paper, Table 1: name -> (params B, GFLOPs per token); embeddings excluded.
+PAPER = {
+    "Dense-1.6B": (1.61e9, 3.21e9),
+    "MoE-1.6B-2in34": (21.36e9, 3.52e9),
+    "UltraMem-1.6B-x12": (21.41e9, 3.50e9),
+    "Dense-6.5B": (6.44e9, 12.88e9),
+}
+PAPER_RECIPES = {  # recipe file name -> its paper model
+    "dense_1.6b.yaml": "Dense-1.6B",
+    "moe_1.6b.yaml": "MoE-1.6B-2in34",
+    "ultramem_1.6b.yaml": "UltraMem-1.6B-x12",
+    "dense_6.5b.yaml": "Dense-6.5B",
+}
+PAPER_TOLERANCE = 0.01  # relative
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("config", help="YAML run config, e.g. configs/ultramem_151m.yaml")
@@ -28,7 +48,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--meta-above", type=float, default=5e7, metavar="PARAMS",
                    help="with --check, build on the meta device above this many parameters "
                         "(default 5e7)")
+    p.add_argument("--paper", choices=sorted(PAPER),
+                   help="with --check, compare with this paper model's Table 1 counts (default: "
+                        "the recipe's, for the files in PAPER_RECIPES)")
     return p.parse_args(argv)
+
+
+def paper_check(name: str, stats) -> bool:
+    """Non-embedding params and 2 x non-embedding activated vs the paper's Table 1, within 1 %."""
+    ok = True
+    print(f"\npaper check: {name} (UltraMem v1 Table 1, embeddings excluded, tolerance "
+          f"{PAPER_TOLERANCE:.0%})")
+    for label, ours, theirs in (("params", stats.non_embedding_params, PAPER[name][0]),
+                                ("GFLOPs (2 x activated)", stats.paper_flops, PAPER[name][1])):
+        off = ours / theirs - 1
+        good = abs(off) <= PAPER_TOLERANCE
+        ok = ok and good
+        print(f"  {label:<24} ours {fmt(ours):>10}  paper {fmt(theirs):>10}  {off:+.2%}"
+              f"  {'ok' if good else 'OFF'}")
+    print("  OK" if ok else "  MISMATCH")
+    return ok
 
 
 def row(label: str, value: float, exact: bool = True) -> str:
@@ -101,8 +140,13 @@ def main(argv=None) -> int:
     print(f"per step ({run.train.global_batch_size} x {model.seq_length} tokens): training FLOPs "
           f"{fmt(stats.flops_per_token * tokens)}; whole run ({run.train.max_steps} steps): "
           f"{fmt(stats.flops_per_token * tokens * run.train.max_steps)}")
-    if args.check and not check(run, stats, args.meta_above):
-        return 1
+    if args.check:
+        ok = check(run, stats, args.meta_above)
+        paper = args.paper or PAPER_RECIPES.get(os.path.basename(args.config))
+        if paper:
+            ok = paper_check(paper, stats) and ok
+        if not ok:
+            return 1
     return 0
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import subprocess_env
-from ultramem_megatron.config import ConfigError, load_config, parse_spans, parse_yaml
+from ultramem_megatron.config import ConfigError, ParallelConfig, load_config, parse_spans, parse_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,11 +98,25 @@ def test_world_size_must_hold_the_parallel_layout():
     assert run.parallel.world_size_error(8) is None
     assert "memory_parallel_size (2) must divide the data-parallel size (3" in \
         run.parallel.world_size_error(6)
-    run = load_config(ROOT / "configs/tiny.yaml", ["parallel.tensor_model_parallel_size=2",
-                                                   "parallel.pipeline_model_parallel_size=2",
-                                                   "model.memory_spans=0:1"])
-    assert run.parallel.world_size_error(4) is None
-    assert "world size (6) must be a multiple of" in run.parallel.world_size_error(6)
+    layout = ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
+    assert layout.world_size_error(4) is None
+    assert "world size (6) must be a multiple of" in layout.world_size_error(6)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.pipeline_model_parallel_size=2"],   # tiny: 4 blocks, span 1:2
+     r"memory span 1:2 crosses a pipeline stage boundary \(with 2 x 1 model chunks each holds "
+     r"2 blocks: 1 is in chunk 0, 2 in chunk 1\)"),
+    (["parallel.pipeline_model_parallel_size=2", "model.memory_spans=0:1"],
+     r"pipeline_model_parallel_size > 1 is not supported yet"),
+    (["parallel.pipeline_model_parallel_size=3"], r"model.num_layers \(4\) must be divisible"),
+    (["parallel.virtual_pipeline_model_parallel_size=2"], "needs parallel.pipeline_model_parallel"),
+    (["parallel.expert_model_parallel_size=2"], "splits the MoE family's experts"),
+    (["parallel.context_parallel_size=2"], "context_parallel_size > 1 is not supported yet"),
+])
+def test_pipeline_and_expert_layouts_are_checked_at_load(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(ROOT / "configs/tiny.yaml", overrides)
 
 
 @pytest.mark.parametrize("overrides,message", [

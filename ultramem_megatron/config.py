@@ -385,7 +385,9 @@ def _validate_memory_parallel(model: ModelConfig, parallel: ParallelConfig) -> N
                           "the causal convolution would need the previous rank's tokens")
 
 
-RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm", "moe_act", "moe")
+# megatron's selective recompute modules that are tested here. Not "mlp" / "moe" / "layernorm":
+# they checkpoint the FFN (and its input) that hosts a memory span's ends.
+RECOMPUTE_MODULES = ("core_attn",)
 
 
 def _validate_pipeline_and_recompute(model: ModelConfig, parallel: ParallelConfig,
@@ -405,6 +407,13 @@ def _validate_pipeline_and_recompute(model: ModelConfig, parallel: ParallelConfi
         raise ConfigError(f"the interleaved schedule needs the number of micro-batches per "
                           f"step a multiple of parallel.pipeline_model_parallel_size "
                           f"({pipeline})")
+    if parallel.recompute_granularity == "full" and not (
+            1 <= parallel.recompute_num_layers <= model.num_layers // (pipeline * virtual)):
+        raise ConfigError(f"parallel.recompute_num_layers ({parallel.recompute_num_layers}) must "
+                          f"be in [1, blocks per model chunk = "
+                          f"{model.num_layers // (pipeline * virtual)}] for full recompute")
+    if parallel.recompute_granularity == "selective" and not parallel.recompute_modules:
+        raise ConfigError("parallel.recompute_granularity=selective needs recompute_modules")
     unknown = sorted(set(parallel.recompute_modules) - set(RECOMPUTE_MODULES))
     if unknown:
         raise ConfigError(f"parallel.recompute_modules: {unknown} are not among "
@@ -480,8 +489,12 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"parallel.expert_model_parallel_size > 1 splits the MoE family's "
                           f"experts; model.family is {model.family!r} (UltraMem shards its "
                           f"values with parallel.memory_parallel_size)")
-    if parallel.context_parallel_size > 1:
-        raise ConfigError("parallel.context_parallel_size > 1 is not supported yet (issue 15)")
+    for name in ("pipeline_model_parallel_size", "context_parallel_size",
+                 "expert_model_parallel_size"):
+        if getattr(parallel, name) > 1:   # validated above so the rules hold when they land
+            raise ConfigError(f"parallel.{name} > 1 is not supported yet (issue 15: the "
+                              f"training loop runs one stage, one context rank, replicated "
+                              f"experts)")
     if model.family == "pkm" and parallel.sequence_parallel:
         raise ConfigError("parallel.sequence_parallel is not supported with the pkm family: its "
                           "BatchNorm query needs every token of the sequence")

@@ -177,3 +177,22 @@ def enter_cpu_device_mode() -> None:
     torch.cuda.empty_cache = lambda: None
     _CPU_MODE.__enter__()
     _CPU_MODE._entered = True
+    _recompute_in_cpu_mode()
+
+
+def _recompute_in_cpu_mode() -> None:
+    """torch runs an autograd Function's backward without the caller's function modes, so the
+    block a recompute re-runs there (megatron's CheckpointFunction: full and selective
+    recompute) would meet device='cuda' again (the causal mask): "Torch not compiled with CUDA
+    enabled". Its backward runs inside the mode too."""
+    function = mcore_random.CheckpointFunction
+    original = function.backward
+    if getattr(original, "_cpu_compat", False):
+        return
+
+    def backward(ctx, *grads):
+        with _CudaAsCpuMode():
+            return original(ctx, *grads)
+
+    backward._cpu_compat = True
+    function.backward = staticmethod(backward)

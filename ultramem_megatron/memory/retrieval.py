@@ -18,7 +18,7 @@ from torch import nn
 from .config import UltraMemConfig
 from ..kernels.choice import two_phase_topk_for
 from .selection import (batch_normed, rank1_scores, selection_dtype, tucker_key_scores,
-                        tucker_keys, tucker_query, upcast)
+                        tucker_keys, tucker_query, updates_running_stats, upcast)
 
 
 def make_norm(kind: str, width: int, dtype: torch.dtype, device=None) -> nn.Module:
@@ -102,7 +102,7 @@ def token_batch_normed(norm: nn.BatchNorm1d, x: torch.Tensor, token_sum: TokenSu
     count = stats[-1]
     mean = stats[:width] / count
     var = (stats[width:2 * width] / count - mean.pow(2)).clamp_min(0)
-    if norm.track_running_stats:
+    if updates_running_stats(norm):
         with torch.no_grad():
             norm.num_batches_tracked.add_(1)
             momentum = norm.momentum if norm.momentum is not None else \

@@ -108,6 +108,13 @@ def two_phase_topk(s_row: torch.Tensor, s_col: torch.Tensor, cores: torch.Tensor
     return virtual_idx, core_scores
 
 
+def updates_running_stats(norm: nn.BatchNorm1d) -> bool:
+    """A training forward that builds the autograd graph moves the running statistics; one
+    without it does not: megatron's full recompute runs a block first without the graph, then
+    again in the backward, and the statistics must move once."""
+    return norm.training and norm.track_running_stats and torch.is_grad_enabled()
+
+
 def batch_normed(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """An nn.BatchNorm1d (or nn.Identity) applied in x's dtype: its parameters and running
     statistics cast to it; in training the statistics are updated as nn.BatchNorm1d does."""
@@ -117,12 +124,14 @@ def batch_normed(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
             for v in (norm.running_mean, norm.running_var, norm.weight, norm.bias)]
     use_batch = norm.training or norm.running_mean is None
     momentum = norm.momentum or 0.0
-    if norm.training and norm.track_running_stats:
+    if use_batch and not updates_running_stats(norm):
+        cast[0] = cast[1] = None   # batch statistics, running ones left alone
+    if updates_running_stats(norm):
         norm.num_batches_tracked.add_(1)
         if norm.momentum is None:  # cumulative average, as nn.BatchNorm1d
             momentum = 1.0 / float(norm.num_batches_tracked)
     out = F.batch_norm(x, cast[0], cast[1], cast[2], cast[3], use_batch, momentum, norm.eps)
-    if norm.training and norm.track_running_stats and cast[0] is not norm.running_mean:
+    if updates_running_stats(norm) and cast[0] is not norm.running_mean:
         with torch.no_grad():  # batch_norm updated the upcast copies: store them back
             norm.running_mean.copy_(cast[0])
             norm.running_var.copy_(cast[1])

@@ -4,10 +4,24 @@
 #   n  value rows (N)            t  tokens            k  lookups per token
 #   h  heads    2  row / column key axis    a  keys per axis
 
+import functools
 import math
 
 import torch
 from torch import nn
+
+
+def counted_once(method):
+    """Run a counting method in training forwards that build the autograd graph, without
+    autograd. megatron's full recompute runs a block twice, first without the graph (skipped
+    here) and again in the backward with it, so each forward is counted once; evaluation
+    (eval mode) is never counted."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if self.training and torch.is_grad_enabled():
+            with torch.no_grad():
+                method(self, *args, **kwargs)
+    return wrapper
 
 
 class UsageTracker(nn.Module):
@@ -16,7 +30,8 @@ class UsageTracker(nn.Module):
     row_counts [n]: lookups per value row; key_counts [h, 2, a]: selections per row / column key
     (UltraMem only); rms_sums [3]: sums over forwards of the mean squares of (memory output, the
     FFN output it joins, the residual stream after that block); top_score_sum: sum over forwards
-    of the mean best score per token and head. Counting happens in training mode only.
+    of the mean best score per token and head. Counting happens in training forwards only, once
+    each (counted_once).
     """
 
     OUTPUTS = ("out_rms", "ffn_rms", "resid_rms")
@@ -34,18 +49,15 @@ class UsageTracker(nn.Module):
         self.rms_forwards = [0, 0, 0]   # host-side counts of the forwards each rms_sums entry holds
         self.score_forwards = 0
 
-    @torch.no_grad()
+    @counted_once
     def count_rows(self, rows: torch.Tensor) -> None:
         """rows [...] (int): value rows read by one forward."""
-        if self.training:
-            flat = rows.reshape(-1)
-            self.row_counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int64))
+        flat = rows.reshape(-1)
+        self.row_counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int64))
 
-    @torch.no_grad()
+    @counted_once
     def count_keys(self, virtual_idx: torch.Tensor, keys_per_axis: int) -> None:
         """virtual_idx [t, h, m] = row key * keys_per_axis + column key."""
-        if not self.training:
-            return
         heads = virtual_idx.shape[1]
         head = torch.arange(heads, device=virtual_idx.device).view(1, heads, 1)
         axis_stride = keys_per_axis
@@ -54,19 +66,17 @@ class UsageTracker(nn.Module):
         flat = torch.cat([row_slot.reshape(-1), col_slot.reshape(-1)])
         self.key_counts.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.int64))
 
-    @torch.no_grad()
+    @counted_once
     def add_top_score(self, scores: torch.Tensor) -> None:
         """scores [t, h, m]: the selected items' summed scores; adds the mean per-token maximum."""
-        if self.training:
-            self.top_score_sum += scores.detach().amax(-1).double().mean()
-            self.score_forwards += 1
+        self.top_score_sum += scores.detach().amax(-1).double().mean()
+        self.score_forwards += 1
 
-    @torch.no_grad()
+    @counted_once
     def add_rms(self, which: int, x: torch.Tensor) -> None:
         """Adds mean(x^2) to the running sum of output `which` (0 memory, 1 FFN, 2 residual)."""
-        if self.training:
-            self.rms_sums[which] += x.detach().double().pow(2).mean()
-            self.rms_forwards[which] += 1
+        self.rms_sums[which] += x.detach().double().pow(2).mean()
+        self.rms_forwards[which] += 1
 
     def reset(self) -> None:
         self.row_counts.zero_()

@@ -50,7 +50,22 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
         moe_token_dispatcher_type=moe.dispatcher if moe else "allgather",
         moe_router_pre_softmax=bool(moe) and moe.topk == 1,   # megatron requires it for top-1
         moe_router_dtype="fp32" if moe else None,             # routing in fp32 under bf16
+        **recompute_fields(parallel),
     )
+
+
+def recompute_fields(parallel: ParallelConfig) -> dict:
+    """megatron's activation-recompute fields for parallel.recompute_*: full recomputes whole
+    blocks in groups (model/skip_memory.py: a span's ends are recomputed together, which
+    config validation guarantees), selective the listed submodules of every block."""
+    granularity = parallel.recompute_granularity
+    if granularity == "none":
+        return {}
+    if granularity == "selective":
+        return {"recompute_granularity": "selective",
+                "recompute_modules": list(parallel.recompute_modules)}
+    return {"recompute_granularity": "full", "recompute_method": parallel.recompute_method,
+            "recompute_num_layers": parallel.recompute_num_layers}
 
 
 class MemoryGPT(GPTModel):
@@ -100,8 +115,15 @@ class MemoryGPT(GPTModel):
         return [m for m in self.modules() if isinstance(m, (UltraMemLayer, ProductKeyMemory))]
 
     def memory_aux_loss(self) -> Optional[torch.Tensor]:
-        """Sum of the memory layers' aux losses from the last forward (None without memory)."""
+        """Sum of the memory layers' aux losses from the last forward, detached: the backward of
+        any loss computed from the output already includes their gradients, scaled by
+        set_aux_loss_scale (None without memory)."""
         return self.memory_bus.aux_loss()
+
+    def set_aux_loss_scale(self, scale: float) -> None:
+        """d(loss) / d(each memory aux loss) in the coming backwards: 1 / micro-batches per step
+        in training (megatron divides the loss by it), 1 by default."""
+        self.memory_bus.aux_loss_scale = scale
 
     @torch.no_grad()
     def memory_usage(self, groups: Sequence = ()) -> dict[str, Optional[float]]:

@@ -18,19 +18,45 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from .. import megatron_compat
 
 
+class AuxLossGradient(torch.autograd.Function):
+    """Identity on a block's output whose backward also starts the backward of a memory aux loss
+    with d(training loss) / d(aux loss) = scale, as if the aux loss had been added to the loss
+    (megatron's MoEAuxLossAutoScaler pattern). The aux loss's gradient thus follows the block
+    wherever its backward runs: on any pipeline stage, and in a full recompute's re-run of it
+    (the first, graph-free run of a recomputed block has no backward to start)."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.aux_shape, ctx.aux_dtype, ctx.scale = aux_loss.shape, aux_loss.dtype, scale
+        return output
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        aux_grad = torch.full(ctx.aux_shape, ctx.scale, dtype=ctx.aux_dtype, device=grad.device)
+        return grad, aux_grad, None
+
+
 class MemoryBus:
-    """Per-forward hand-off between a span's first and last block, plus the aux losses."""
+    """Per-forward hand-off between a span's first and last block, plus the aux losses' values.
+
+    A span lies inside one forward of one model chunk (config validation: inside a pipeline
+    stage and a full-recompute group), so nothing outlives the forward; several micro-batches
+    in flight never share an entry. aux_loss_scale is what each aux loss's gradient is scaled by
+    (1 / micro-batches per step in training, as megatron scales the main loss)."""
 
     def __init__(self) -> None:
         # span -> (the memory's finishing call, its usage tracker)
         self.pending: dict[int, tuple[Callable[[], tuple[torch.Tensor, torch.Tensor]], Any]] = {}
-        self.aux_losses: list[torch.Tensor] = []
+        self.aux_losses: list[torch.Tensor] = []   # detached values, for logging
+        self.aux_loss_scale = 1.0
 
     def reset(self) -> None:
         self.pending.clear()
         self.aux_losses.clear()
 
     def aux_loss(self) -> Optional[torch.Tensor]:
+        """The last forward's summed aux losses (detached: their gradients flow through
+        AuxLossGradient), None without memory."""
         return torch.stack(self.aux_losses).sum() if self.aux_losses else None
 
 
@@ -80,8 +106,10 @@ class SkipMemoryMLP(MegatronModule):
         if self.ends_span is not None:
             finish, usage = self.bus.pending.pop(self.ends_span)
             memory_out, aux_loss = finish()
-            self.bus.aux_losses.append(aux_loss)
+            self.bus.aux_losses.append(aux_loss.detach())
             usage.add_rms(0, memory_out)
             usage.add_rms(1, out)
             out = out + memory_out
+            if torch.is_grad_enabled() and aux_loss.requires_grad:
+                out = AuxLossGradient.apply(out, aux_loss, self.bus.aux_loss_scale)
         return out, bias

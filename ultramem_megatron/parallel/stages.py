@@ -22,12 +22,6 @@ def chunk_of(block: int, num_layers: int, pipeline: int, virtual: int) -> int:
     return block // blocks_per_chunk(num_layers, pipeline, virtual)
 
 
-def stage_of(block: int, num_layers: int, pipeline: int, virtual: int) -> tuple[int, int]:
-    """(pipeline rank, virtual stage) that runs block `block`."""
-    chunk = chunk_of(block, num_layers, pipeline, virtual)
-    return chunk % pipeline, chunk // pipeline
-
-
 def recompute_group(block: int, num_layers: int, pipeline: int, virtual: int,
                     granularity: str, method: str, num_recompute: int) -> Optional[int]:
     """Which checkpointed group of its chunk recomputes block `block` under full recompute

@@ -60,14 +60,14 @@ def memory_kernels(run: RunConfig, caps: Capabilities) -> str:
 
 
 def _loss_func(model: MemoryGPT, loss_mask: torch.Tensor, output: torch.Tensor):
-    """output: per-token losses [b, s] -> (masked mean + memory aux loss, values to log)."""
+    """output: per-token losses [b, s] -> (masked mean, values to log). The memory aux losses
+    are not added: their gradients join the backward inside the model (AuxLossGradient, scaled
+    by MemoryGPT.set_aux_loss_scale), on whatever stage or recompute runs their blocks."""
     lm_loss = (output.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1)
     aux = model.memory_aux_loss()
-    total = lm_loss if aux is None else lm_loss + aux.float()
-    # Clones: megatron's schedule divides the returned loss by the number of micro-batches in
-    # place, and without a memory aux loss `total` is `lm_loss` itself.
-    return total, {"lm_loss": lm_loss.detach().clone(),
-                   "aux_loss": aux.detach().float() if aux is not None else torch.zeros(())}
+    # Clone: megatron's schedule divides the returned loss by the number of micro-batches in place.
+    return lm_loss, {"lm_loss": lm_loss.detach().clone(),
+                     "aux_loss": aux.float() if aux is not None else torch.zeros(())}
 
 
 def _forward_step(model: MemoryGPT, data_iterator, ddp_model):
@@ -213,6 +213,7 @@ class Trainer:
     # -------------------------------------------------------------------------------- steps
 
     def _schedule(self, data: Iterator, num_microbatches: int, forward_only: bool) -> list[dict]:
+        self.model.set_aux_loss_scale(1.0 / num_microbatches)
         return get_forward_backward_func()(
             forward_step_func=partial(_forward_step, self.model),
             data_iterator=data, model=[self.ddp_model], num_microbatches=num_microbatches,
