@@ -107,8 +107,6 @@ def test_world_size_must_hold_the_parallel_layout():
     (["parallel.pipeline_model_parallel_size=2"],   # tiny: 4 blocks, span 1:2
      r"memory span 1:2 crosses a pipeline stage boundary \(with 2 x 1 model chunks each holds "
      r"2 blocks: 1 is in chunk 0, 2 in chunk 1\)"),
-    (["parallel.pipeline_model_parallel_size=2", "model.memory_spans=0:1"],
-     r"pipeline_model_parallel_size > 1 is not supported yet"),
     (["parallel.pipeline_model_parallel_size=3"], r"model.num_layers \(4\) must be divisible"),
     (["parallel.virtual_pipeline_model_parallel_size=2"], "needs parallel.pipeline_model_parallel"),
     (["parallel.expert_model_parallel_size=2"], "splits the MoE family's experts"),
@@ -117,6 +115,17 @@ def test_world_size_must_hold_the_parallel_layout():
 def test_pipeline_and_expert_layouts_are_checked_at_load(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(ROOT / "configs/tiny.yaml", overrides)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["parallel.pipeline_model_parallel_size=2", "model.memory_spans=0:1/2:3"],
+    ["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2",
+     "model.num_layers=8", "model.memory_spans=0:1/6:7"],
+    ["model.family=moe", "parallel.expert_model_parallel_size=2"],
+])
+def test_pipeline_and_expert_layouts_that_fit_load(overrides):
+    run = load_config(ROOT / "configs/tiny.yaml", overrides)
+    assert run.parallel.model_parallel_size >= 1
 
 
 @pytest.mark.parametrize("overrides,message", [

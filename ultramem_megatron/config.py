@@ -489,12 +489,9 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"parallel.expert_model_parallel_size > 1 splits the MoE family's "
                           f"experts; model.family is {model.family!r} (UltraMem shards its "
                           f"values with parallel.memory_parallel_size)")
-    for name in ("pipeline_model_parallel_size", "context_parallel_size",
-                 "expert_model_parallel_size"):
-        if getattr(parallel, name) > 1:   # validated above so the rules hold when they land
-            raise ConfigError(f"parallel.{name} > 1 is not supported yet (issue 15: the "
-                              f"training loop runs one stage, one context rank, replicated "
-                              f"experts)")
+    if parallel.context_parallel_size > 1:   # validated above so the rules hold when it lands
+        raise ConfigError("parallel.context_parallel_size > 1 is not supported yet (issue 15: the "
+                          "training loop runs one context rank)")
     if model.family == "pkm" and parallel.sequence_parallel:
         raise ConfigError("parallel.sequence_parallel is not supported with the pkm family: its "
                           "BatchNorm query needs every token of the sequence")

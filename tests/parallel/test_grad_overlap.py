@@ -4,12 +4,10 @@ bytes of scripts/bench_grad_traffic.py obey their exact rules and equal the byte
 collectives; the config refuses the combinations megatron cannot run."""
 
 import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.training.conftest import ROOT, losses, train
+from tests.training.conftest import ROOT, losses, torchrun, train
 from ultramem_megatron.config import ConfigError, load_config
 
 _spec = importlib.util.spec_from_file_location("bench_grad_traffic",
@@ -95,11 +93,6 @@ def test_exchange_is_zero_at_p1_and_value_dim_formula(recipe):
 
 
 # ---------------------------------------------------------------------------------- 2 ranks
-
-def torchrun(processes: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            "--nproc-per-node", str(processes), "train.py"]
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [

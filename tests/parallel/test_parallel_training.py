@@ -3,13 +3,11 @@ trace, and a checkpoint saved at (TP, P) = (2, 2) resumes at (1, 1) and at (1, 4
 a run that never changed layout."""
 
 import json
-import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.training.conftest import losses, train
+from tests.training.conftest import grad_norms, losses, resume_from, torchrun, train
 
 pytestmark = pytest.mark.slow
 
@@ -27,16 +25,6 @@ def parallel(tp: int, mp: int, mode: str, sequence_parallel: bool = False) -> li
     return [f"parallel.tensor_model_parallel_size={tp}", f"parallel.memory_parallel_size={mp}",
             f"parallel.memory_parallel_mode={mode}",
             f"parallel.sequence_parallel={str(sequence_parallel).lower()}"]
-
-
-def torchrun(processes: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            "--nproc-per-node", str(processes), "train.py"]
-
-
-def grad_norms(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["grad_norm"] for r in records}
 
 
 def assert_same_trace(got: dict, want: dict, steps: list[int], run_dir: Path) -> None:
@@ -94,13 +82,6 @@ def test_key_balance_reproduces_first_steps(balanced_reference, tmp_path):
                                                            rel=1e-4), step
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(r["aux_loss"] > 0.1 for r in records)   # the balance term is in the loss
-
-
-def resume_from(source: Path, target: Path, step: int) -> None:
-    """A run directory holding only `source`'s checkpoint at `step`."""
-    name = f"step_{step:07d}"
-    shutil.copytree(source / "checkpoints" / name, target / "checkpoints" / name)
-    (target / "checkpoints" / "latest").write_text(name)
 
 
 def test_checkpoint_reshards_across_layouts(reference, tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,3 +51,21 @@ def losses(run_dir: Path) -> dict[int, float]:
     """step -> training loss from metrics.jsonl (the last record of a step wins)."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in records}
+
+
+def torchrun(processes: int) -> list[str]:
+    """train.py under torchrun with this many local processes (pass as train(python=...))."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc-per-node", str(processes), "train.py"]
+
+
+def grad_norms(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["grad_norm"] for r in records}
+
+
+def resume_from(source: Path, target: Path, step: int) -> None:
+    """A run directory holding only `source`'s checkpoint at `step`."""
+    name = f"step_{step:07d}"
+    shutil.copytree(source / "checkpoints" / name, target / "checkpoints" / name)
+    (target / "checkpoints" / "latest").write_text(name)

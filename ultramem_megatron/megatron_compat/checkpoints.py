@@ -15,21 +15,35 @@ def drop_extra_state(sharded_state_dict: dict) -> dict:
     return sharded_state_dict
 
 
+def _chunks(model) -> list:
+    """The model chunks of a model (a ModelChunks) or of a single module."""
+    return list(model) if hasattr(model, "chunks") else [model]
+
+
 def load_model_state(model, state_dict: dict) -> None:
-    """model.load_state_dict, strict except for the TE `_extra_state` entries checkpoints leave
-    out (drop_extra_state): any other missing or unexpected key is an error."""
-    result = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-    if missing or result.unexpected_keys:
-        raise RuntimeError(f"checkpoint does not fit the model: missing {missing}, "
-                           f"unexpected {result.unexpected_keys}")
+    """model.load_state_dict (each chunk's from its entry of model_sharded_state_dict), strict
+    except for the TE `_extra_state` entries checkpoints leave out (drop_extra_state): any
+    other missing or unexpected key is an error."""
+    chunks = _chunks(model)
+    states = [state_dict] if len(chunks) == 1 else [state_dict[f"chunk{i}"]
+                                                     for i in range(len(chunks))]
+    for chunk, state in zip(chunks, states):
+        result = chunk.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(f"checkpoint does not fit the model: missing {missing}, "
+                               f"unexpected {result.unexpected_keys}")
 
 
 def model_sharded_state_dict(model) -> dict:
-    """Per-layer checkpoint keys ('decoder.layers.3.mlp...'): memory spans make the layers differ,
-    so megatron's stacked layout (one tensor over all layers) does not apply. TE's FP8 metadata
-    is left out (drop_extra_state)."""
-    return drop_extra_state(model.sharded_state_dict(metadata={"non_homogeneous_layers": True}))
+    """Per-layer checkpoint keys ('decoder.layers.3.mlp...', the global block index whichever
+    pipeline stage holds it): memory spans make the layers differ, so megatron's stacked layout
+    (one tensor over all layers) does not apply. Several model chunks (interleaved pipeline)
+    go under 'chunk{i}'; the checkpoint keys do not depend on the chunks, so a checkpoint
+    loads on any pipeline layout. TE's FP8 metadata is left out (drop_extra_state)."""
+    states = [drop_extra_state(chunk.sharded_state_dict(metadata={"non_homogeneous_layers": True}))
+              for chunk in _chunks(model)]
+    return states[0] if len(states) == 1 else {f"chunk{i}": s for i, s in enumerate(states)}
 
 
 def rename_sharded_keys(sharded_state_dict: dict, old_prefix: str, new_prefix: str) -> None:
@@ -74,6 +88,32 @@ def _patch_set_main_param_states() -> None:
     DistributedOptimizer._set_main_param_and_optimizer_states = set_states
 
 
+def _patch_empty_optimizer_state_dict() -> None:
+    """A pipeline stage without memory still builds the value tables' (expert-parallel)
+    distributed optimizer, with no parameters: megatron's torch-Adam path asserts that it finds
+    exactly one 'step' among no states. Its state dict is then its param groups alone."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer.state_dict
+    if getattr(original, "_allows_empty", False):
+        return
+
+    def state_dict(self):
+        if any(group["params"] for group in self.optimizer.param_groups):
+            return original(self)
+        inner = self.optimizer.state_dict()
+        groups = [{**{k: v for k, v in group.items() if k != "params"}, "step": 0}
+                  for group in inner["param_groups"]]
+        state = {"optimizer": {**{k: v for k, v in inner.items() if k != "state"},
+                               "param_groups": groups}}
+        if self.grad_scaler:
+            state["grad_scaler"] = self.grad_scaler.state_dict()
+        return state
+
+    state_dict._allows_empty = True
+    DistributedOptimizer.state_dict = state_dict
+
+
 def _ensure_adam_state(optimizer) -> None:
     """Create empty Adam state (step 0, zero moments: what Adam's first step would create) so the
     distributed optimizer's state_dict() finds one 'step' before any step was taken."""
@@ -92,6 +132,7 @@ def optimizer_sharded_state_dict(optimizer, model_sharded_state_dict: dict,
     """fully_reshardable optimizer state, so a checkpoint loads at another parallel layout."""
     if _torch_adam_path():
         _ensure_adam_state(optimizer)
+        _patch_empty_optimizer_state_dict()
     return optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading,
                                         metadata=_OPTIMIZER_METADATA)
 

@@ -115,8 +115,48 @@ def apply_cpu_patches() -> tuple[str, ...]:
             token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
         applied.append("moe split sizes as numpy")
 
+    # MoE with TP and expert parallelism gathers and reduce-scatters token blocks of unequal
+    # sizes over the TP group; gloo's all_gather needs equal sizes and it has no list
+    # reduce_scatter: "invalid tensor size at index 1 (expected (33, 64), got (29, 64))".
+    _uneven_collectives_on_gloo()
+    applied.append("uneven all-gather / reduce-scatter on gloo")
+
     _applied = tuple(applied)
     return _applied
+
+
+def _uneven_collectives_on_gloo() -> None:
+    """megatron's first-dim gather / reduce-scatter with split sizes, by a padded all_gather and
+    an all_reduce (same results; CPU only)."""
+    from megatron.core.tensor_parallel import mappings
+
+    gather, reduce_scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+    if getattr(gather, "_cpu_compat", False):
+        return
+
+    def gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or torch.distributed.get_world_size(group) == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        longest = max(output_split_sizes)
+        padded = input_.new_zeros((longest, *input_.shape[1:]))
+        padded[:input_.shape[0]] = input_
+        blocks = [torch.empty_like(padded) for _ in output_split_sizes]
+        torch.distributed.all_gather(blocks, padded, group=group)
+        return torch.cat([block[:size] for block, size in zip(blocks, output_split_sizes)])
+
+    def reduce_scatter_along_first_dim(input_, group, input_split_sizes=None,
+                                       use_global_buffer=False):
+        if input_split_sizes is None or torch.distributed.get_world_size(group) == 1:
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.contiguous().clone()
+        torch.distributed.all_reduce(total, group=group)
+        rank = torch.distributed.get_rank(group)
+        start = sum(input_split_sizes[:rank])
+        return total[start:start + input_split_sizes[rank]].contiguous()
+
+    gather_along_first_dim._cpu_compat = True
+    mappings._gather_along_first_dim = gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = reduce_scatter_along_first_dim
 
 
 def _define_missing_te_gemm() -> None:

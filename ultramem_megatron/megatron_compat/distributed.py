@@ -137,37 +137,36 @@ def wrap_float16(model: torch.nn.Module) -> torch.nn.Module:
     return wrapped
 
 
-def wrap_data_parallel(model: torch.nn.Module, use_distributed_optimizer: bool,
-                       overlap_grad_reduce: bool = False,
-                       overlap_param_gather: bool = False) -> torch.nn.Module:
-    """megatron DistributedDataParallel (contiguous grad buffers, fp32 grad reduction) around the
-    model (inside Float16Module in bf16), and the config hooks megatron's schedule uses to delay
-    and finish the grad reduction, as megatron-LM's training.py sets them for one model chunk
-    without pipelining: no_sync_func (every micro-batch but the last accumulates without
-    communication), finalize_model_grads_func (waits for / runs the reduction, then the TP sums).
-    grad_sync_func and param_sync_func are megatron-LM's only with align_grad_reduce /
-    align_param_gather, which align pipeline stages: without pipelining the backward hooks start
-    each bucket's reduction and the forward pre-hooks each bucket's gather.
+def wrap_model_chunks(chunks: list, use_distributed_optimizer: bool,
+                      overlap_grad_reduce: bool = False,
+                      overlap_param_gather: bool = False) -> list:
+    """megatron DistributedDataParallel (contiguous grad buffers, fp32 grad reduction) around each
+    model chunk (inside Float16Module in bf16), and the config hooks megatron's schedules use to
+    delay and finish the grad reduction, as megatron-LM's training.py sets them
+    (pipeline.set_chunk_sync_funcs). The chunks share one TransformerConfig.
 
     overlap_grad_reduce: each bucket's reduce-scatter (all-reduce without the distributed
     optimizer) starts asynchronously in the last micro-batch's backward, once the bucket's
     gradients are all there. overlap_param_gather (distributed optimizer only): the optimizer
     step no longer gathers the updated parameters; the next forward does, bucket by bucket, in
     forward pre-hooks. Until then the model's parameters are stale: see sync_params."""
-    from megatron.core.distributed import (DistributedDataParallel,
-                                           DistributedDataParallelConfig, finalize_model_grads)
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    model.to(device())
-    module = wrap_float16(model) if model.config.bf16 else model
+    from .pipeline import set_chunk_sync_funcs
+
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
         overlap_param_gather=overlap_param_gather,
         use_distributed_optimizer=use_distributed_optimizer)
-    wrapped = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=module)
-    model.config.no_sync_func = wrapped.no_sync
-    model.config.grad_sync_func = None
-    model.config.param_sync_func = None
-    model.config.finalize_model_grads_func = finalize_model_grads
+    wrapped = []
+    for index, model in enumerate(chunks):
+        model.to(device())
+        module = wrap_float16(model) if model.config.bf16 else model
+        # megatron-LM's bucketing: a chunk after the first is one bucket.
+        wrapped.append(DistributedDataParallel(
+            config=model.config, ddp_config=ddp_config, module=module,
+            disable_bucketing=index > 0))
+    set_chunk_sync_funcs(chunks[0].config, wrapped, overlap_grad_reduce)
     return wrapped
 
 

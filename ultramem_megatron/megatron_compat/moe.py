@@ -1,4 +1,7 @@
-"""megatron's MoE aux-loss tracker, read for metrics.jsonl (megatron-LM's training loop reads it)."""
+"""megatron's MoE layers: experts seeded by their global index, and the aux-loss tracker."""
+
+import functools
+import itertools
 
 import torch
 
@@ -39,3 +42,52 @@ def _legacy_moe_aux_losses(forwards: int) -> dict[str, float]:
             record[f"moe/{name}"] = (entry["values"].float().mean() / forwards).item()
     moe_utils.clear_aux_losses_tracker()
     return record
+
+
+@functools.cache
+def _seeded_sequential_mlp(experts_class: type) -> type:
+    from megatron.core.transformer.moe import experts as experts_module
+
+    class SeededExperts(experts_class):
+        """megatron's SequentialMLP whose expert e (global index, whichever expert-parallel rank
+        builds it) draws its weights from its own seed."""
+
+        def __init__(self, num_local_experts, config, submodules, pg_collection=None, *,
+                     init_seed: int):
+            group = getattr(pg_collection, "ep", None)
+            ep_rank = torch.distributed.get_rank(group) if group is not None else 0
+            index = itertools.count(ep_rank * num_local_experts)
+            build_expert = experts_module.MLP
+
+            def seed(expert: int) -> None:
+                torch.default_generator.manual_seed(
+                    (init_seed * 1_000_003 + expert) & 0xFFFF_FFFF_FFFF_FFFF)
+
+            def seeded_expert(*args, **kwargs):
+                seed(next(index))
+                return build_expert(*args, **kwargs)
+
+            experts_module.MLP = seeded_expert   # what SequentialMLP calls per local expert
+            try:
+                super().__init__(num_local_experts, config, submodules, pg_collection)
+            finally:
+                experts_module.MLP = build_expert
+            # What is drawn next (the output layer, after the last block) must not depend on
+            # which experts this rank built.
+            seed(config.num_moe_experts)
+
+    SeededExperts.__name__ = SeededExperts.__qualname__ = f"Seeded{experts_class.__name__}"
+    return SeededExperts
+
+
+def seed_experts(layer_spec, init_seed: int) -> None:
+    """Give an MoE layer spec's SequentialMLP experts per-expert seeds (in place), so expert e
+    starts from the same weights at every expert-parallel size. Grouped-GEMM experts (one
+    weight over a rank's local experts) are left as megatron draws them."""
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    experts = getattr(layer_spec.submodules.mlp.submodules, "experts", None)
+    if experts is None or not issubclass(experts.module, SequentialMLP):
+        return
+    experts.module = _seeded_sequential_mlp(experts.module)
+    experts.params = {**experts.params, "init_seed": init_seed & 0xFFFF_FFFF_FFFF_FFFF}

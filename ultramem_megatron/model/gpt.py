@@ -10,7 +10,6 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from .. import megatron_compat
 from ..config import ModelConfig, ParallelConfig
-from ..memory import ProductKeyMemory, UltraMemLayer
 from .capabilities import Capabilities, FusionChoice, choose_fusions
 from .skip_memory import MemoryBus, SkipMemoryMLP
 from .specs import decoder_block_spec
@@ -40,6 +39,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
         bf16=dtype == torch.bfloat16,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
+        **pipeline_fields(parallel, dtype),
         use_cpu_initialization=True,   # the same weights whatever the parallel layout
         **fusions.config_fields(),
         num_moe_experts=moe.num_experts if moe else None,
@@ -50,8 +50,28 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
         moe_token_dispatcher_type=moe.dispatcher if moe else "allgather",
         moe_router_pre_softmax=bool(moe) and moe.topk == 1,   # megatron requires it for top-1
         moe_router_dtype="fp32" if moe else None,             # routing in fp32 under bf16
+        # Experts split over the EP group (their grads then reduce over expert-data-parallel
+        # ranks only). UltraMem's value tables use the same group, flagged by our own modules.
+        expert_model_parallel_size=parallel.expert_model_parallel_size if moe else 1,
         **recompute_fields(parallel),
     )
+
+
+def pipeline_fields(parallel: ParallelConfig, dtype: torch.dtype) -> dict:
+    """megatron's pipeline fields: the stages, the interleaved schedule's virtual stages, and the
+    dtype of the activations sent between stages."""
+    if parallel.pipeline_model_parallel_size == 1:
+        return {}
+    virtual = parallel.virtual_pipeline_model_parallel_size
+    fields = {"pipeline_model_parallel_size": parallel.pipeline_model_parallel_size,
+              "pipeline_dtype": dtype}
+    if virtual > 1:
+        # megatron-LM's interleaved default: overlapped, unbatched p2p, whose two directions use
+        # two communicators at PP = 2. Batched, a stage's send to and receive from its one peer
+        # share a tag and match in the wrong order (measured on gloo: wrong losses).
+        fields.update(virtual_pipeline_model_parallel_size=virtual, overlap_p2p_comm=True,
+                      batch_p2p_comm=False)
+    return fields
 
 
 def recompute_fields(parallel: ParallelConfig) -> dict:
@@ -69,20 +89,31 @@ def recompute_fields(parallel: ParallelConfig) -> dict:
 
 
 class MemoryGPT(GPTModel):
-    """GPTModel whose decoder may hold skip-layer memories; forward is GPTModel's."""
+    """GPTModel (one pipeline model chunk of it: the whole model by default) whose decoder may
+    hold skip-layer memories; forward is GPTModel's. Every block draws its initial weights from
+    init_seed + its global index, so a chunk holds the weights the whole model would."""
 
     def __init__(self, model: ModelConfig, parallel: ParallelConfig, config: TransformerConfig,
-                 use_transformer_engine: bool = False):
+                 use_transformer_engine: bool = False,
+                 stage: Optional[megatron_compat.Stage] = None, init_seed: int = 0):
+        stage = stage or megatron_compat.single_stage()
         self.memory_bus = MemoryBus()  # plain attribute, shared with the wrapped FFNs
+        spec = decoder_block_spec(model, parallel, config, self.memory_bus,
+                                  use_transformer_engine, stage, init_seed)
+        # The embedding is drawn first, the output layer after the last block (seeded by its
+        # index): the same draws on whichever stage builds them.
+        torch.default_generator.manual_seed(init_seed)
         super().__init__(
             config=config,
-            transformer_layer_spec=decoder_block_spec(model, parallel, config, self.memory_bus,
-                                                      use_transformer_engine),
+            transformer_layer_spec=spec,
             vocab_size=model.vocab_size,
             max_sequence_length=model.seq_length,
             position_embedding_type=model.position_embedding,
             share_embeddings_and_output_weights=False,
             parallel_output=True,
+            pre_process=stage.pre_process,
+            post_process=stage.post_process,
+            **({"vp_stage": stage.vp_stage} if stage.vp_stage is not None else {}),
         )
         if config.tensor_model_parallel_size > 1:
             self._sync_tp_replicated_memory_params()
@@ -108,17 +139,16 @@ class MemoryGPT(GPTModel):
                     megatron_compat.average_grads_over_tp(param)
 
     def forward(self, *args, **kwargs):
-        self.memory_bus.reset()
+        self.memory_bus.pending.clear()
         return super().forward(*args, **kwargs)
 
-    def memory_layers(self) -> list:
-        return [m for m in self.modules() if isinstance(m, (UltraMemLayer, ProductKeyMemory))]
+    def memories(self) -> list[tuple[int, torch.nn.Module]]:
+        """(span index, memory layer) for the spans of this chunk, in span order."""
+        return [(layer.mlp.starts_span, layer.mlp.memory) for layer in self.decoder.layers
+                if isinstance(layer.mlp, SkipMemoryMLP) and layer.mlp.memory is not None]
 
-    def memory_aux_loss(self) -> Optional[torch.Tensor]:
-        """Sum of the memory layers' aux losses from the last forward, detached: the backward of
-        any loss computed from the output already includes their gradients, scaled by
-        set_aux_loss_scale (None without memory)."""
-        return self.memory_bus.aux_loss()
+    def memory_layers(self) -> list:
+        return [layer for _, layer in self.memories()]
 
     def set_aux_loss_scale(self, scale: float) -> None:
         """d(loss) / d(each memory aux loss) in the coming backwards: 1 / micro-batches per step
@@ -127,40 +157,10 @@ class MemoryGPT(GPTModel):
 
     @torch.no_grad()
     def memory_usage(self, groups: Sequence = ()) -> dict[str, Optional[float]]:
-        """Utilisation since the last call, per memory layer ('mem{i}/{stat}', see memory/usage.py)
-        and over all layers ('value_rows_hit'); counts are summed over the ranks of each of
-        `groups` (the data-parallel group, and the TP group under sequence parallelism). Resets
-        the counters. Empty without memory. One all-reduce per group, on log steps only."""
-        layers = self.memory_layers()
-        if not layers:
-            return {}
-        packed = [layer.usage.packed() for layer in layers]
-        norms = [layer.weight_norms() for layer in layers]
-        flat = torch.cat(packed)
-        ranks = 1
-        for group in groups:
-            if group is not None and torch.distributed.get_world_size(group) > 1:
-                torch.distributed.all_reduce(flat, group=group)
-                ranks *= torch.distributed.get_world_size(group)
-        # Each rank holds an equal slice of each table (a grid of replicas): the mean over all
-        # ranks of the slices' mean squares is the whole table's.
-        value_ms = torch.stack([n["value_ms"] for n in norms]).double()
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(value_ms)
-            value_ms /= torch.distributed.get_world_size()
-        record, offset, rows_hit, rows = {}, 0, 0.0, 0
-        for index, (layer, part) in enumerate(zip(layers, packed)):
-            stats = layer.usage.summary(flat[offset:offset + part.numel()], ranks)
-            offset += part.numel()
-            stats["value_rms"] = value_ms[index].sqrt().item()
-            stats["key_norm"] = norms[index]["key_norm"].item()
-            record.update({f"mem{index}/{name}": value for name, value in stats.items()})
-            num_rows = layer.usage.row_counts.numel()
-            rows_hit += stats["rows_hit"] * num_rows
-            rows += num_rows
-            layer.usage.reset()
-        record["value_rows_hit"] = rows_hit / rows
-        return record
+        """Utilisation since the last call (model/chunks.py: memory_usage). Resets the counters."""
+        from .chunks import memory_usage
+
+        return memory_usage(self.memories(), groups)
 
     @torch.no_grad()
     def refresh_rank1(self) -> None:
@@ -175,9 +175,25 @@ def _record_residual(usage, module, inputs, output) -> None:
 
 
 def build_model(model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype = torch.float32,
-                capabilities: Optional[Capabilities] = None) -> MemoryGPT:
-    """The model a run builds on this machine (or on one with the given capabilities): the TE
-    spec where Transformer Engine imports, the local spec otherwise."""
+                capabilities: Optional[Capabilities] = None,
+                init_seed: Optional[int] = None) -> MemoryGPT:
+    """The whole model, as a run builds it on this machine (or on one with the given
+    capabilities): the TE spec where Transformer Engine imports, the local spec otherwise."""
+    return build_model_chunks(model, parallel, dtype, capabilities, init_seed,
+                              [megatron_compat.single_stage()])[0]
+
+
+def build_model_chunks(model: ModelConfig, parallel: ParallelConfig,
+                       dtype: torch.dtype = torch.float32,
+                       capabilities: Optional[Capabilities] = None,
+                       init_seed: Optional[int] = None,
+                       stages: Optional[list] = None) -> list[MemoryGPT]:
+    """This rank's model chunks (one per virtual pipeline stage; megatron's parallel state
+    says which), sharing one TransformerConfig as megatron's schedules expect. init_seed:
+    the weights' seed (default: torch's current seed)."""
+    init_seed = torch.initial_seed() if init_seed is None else init_seed
     fusions = choose_fusions(model, capabilities)
-    return MemoryGPT(model, parallel, transformer_config(model, parallel, dtype, fusions),
-                     fusions.use_transformer_engine)
+    config = transformer_config(model, parallel, dtype, fusions)
+    stages = stages or megatron_compat.local_stages(parallel.virtual_pipeline_model_parallel_size)
+    return [MemoryGPT(model, parallel, config, fusions.use_transformer_engine, stage, init_seed)
+            for stage in stages]

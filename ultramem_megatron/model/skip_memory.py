@@ -40,9 +40,12 @@ class MemoryBus:
     """Per-forward hand-off between a span's first and last block, plus the aux losses' values.
 
     A span lies inside one forward of one model chunk (config validation: inside a pipeline
-    stage and a full-recompute group), so nothing outlives the forward; several micro-batches
-    in flight never share an entry. aux_loss_scale is what each aux loss's gradient is scaled by
-    (1 / micro-batches per step in training, as megatron scales the main loss)."""
+    stage and a full-recompute group), so nothing in `pending` outlives the forward; several
+    micro-batches in flight never share an entry. aux_losses collects the aux losses' values of
+    the training forwards since the last take_aux_loss (once per forward, also under full
+    recompute: counted like the usage statistics). aux_loss_scale is what each aux loss's
+    gradient is scaled by (1 / micro-batches per step in training, as megatron scales the main
+    loss)."""
 
     def __init__(self) -> None:
         # span -> (the memory's finishing call, its usage tracker)
@@ -50,14 +53,11 @@ class MemoryBus:
         self.aux_losses: list[torch.Tensor] = []   # detached values, for logging
         self.aux_loss_scale = 1.0
 
-    def reset(self) -> None:
-        self.pending.clear()
+    def take_aux_loss(self) -> Optional[torch.Tensor]:
+        """The summed aux losses of the training forwards since the last call (None if none)."""
+        total = torch.stack(self.aux_losses).sum() if self.aux_losses else None
         self.aux_losses.clear()
-
-    def aux_loss(self) -> Optional[torch.Tensor]:
-        """The last forward's summed aux losses (detached: their gradients flow through
-        AuxLossGradient), None without memory."""
-        return torch.stack(self.aux_losses).sum() if self.aux_losses else None
+        return total
 
 
 @dataclass
@@ -106,7 +106,8 @@ class SkipMemoryMLP(MegatronModule):
         if self.ends_span is not None:
             finish, usage = self.bus.pending.pop(self.ends_span)
             memory_out, aux_loss = finish()
-            self.bus.aux_losses.append(aux_loss.detach())
+            if self.training and torch.is_grad_enabled():   # once per forward (see MemoryBus)
+                self.bus.aux_losses.append(aux_loss.detach())
             usage.add_rms(0, memory_out)
             usage.add_rms(1, out)
             out = out + memory_out

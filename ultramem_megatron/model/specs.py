@@ -1,8 +1,8 @@
 """megatron-core ModuleSpecs for every model family: dense, MoE, PKM and UltraMem (skip-layer)."""
 
 import copy
+from typing import Optional
 
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -31,28 +31,31 @@ def memory_spec(model: ModelConfig, parallel: ParallelConfig, config: Transforme
 
 
 def decoder_block_spec(model: ModelConfig, parallel: ParallelConfig, config: TransformerConfig,
-                       bus: MemoryBus, use_te: bool = False) -> TransformerBlockSubmodules:
+                       bus: MemoryBus, use_te: bool = False,
+                       stage: Optional[megatron_compat.Stage] = None,
+                       init_seed: int = 0) -> TransformerBlockSubmodules:
     """megatron's own GPT block spec (local, or Transformer Engine; MoE layers when
-    config.num_moe_experts is set), with the FFN of each span's first and last block wrapped."""
-    block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
-                                       normalization=config.normalization)
+    config.num_moe_experts is set) for the blocks of one model chunk (the whole model by
+    default), each block seeded by its global index, with the FFN of each span's first and last
+    block wrapped (spans never cross a chunk: config validation)."""
+    block, offset = megatron_compat.block_spec_for_stage(
+        config, use_te, stage or megatron_compat.single_stage())
     if config.sequence_parallel and not use_te:
         megatron_compat.use_sequence_parallel_norms(block)
-    for layer in block.layer_specs:
-        megatron_compat.canonical_norm_keys(layer, moe=config.num_moe_experts is not None)
-    spans = model.active_spans()
-    if not spans:
-        return block
-    starts = {start: k for k, (start, _) in enumerate(spans)}
-    ends = {end: k for k, (_, end) in enumerate(spans)}
+    starts = {start: k for k, (start, _) in enumerate(model.active_spans())}
+    ends = {end: k for k, (_, end) in enumerate(model.active_spans())}
     layer_specs = []
-    for index, layer in enumerate(block.layer_specs):
+    for index, layer in enumerate(block.layer_specs, start=offset):
+        layer = copy.deepcopy(layer)
+        megatron_compat.canonical_norm_keys(layer, moe=config.num_moe_experts is not None)
+        megatron_compat.seed_layer(layer, (init_seed << 16) + 1 + index)   # not the embedding's
+        if config.num_moe_experts is not None:
+            megatron_compat.seed_experts(layer, (init_seed << 16) + 1 + index)
+        if index in starts:
+            # The memory reads the pre-FFN norm's output; TE fuses that norm into fc1.
+            megatron_compat.unfuse_pre_mlp_norm(layer)
+            megatron_compat.canonical_norm_keys(layer, moe=False)
         if index in starts or index in ends:
-            layer = copy.deepcopy(layer)
-            if index in starts:
-                # The memory reads the pre-FFN norm's output; TE fuses that norm into fc1.
-                megatron_compat.unfuse_pre_mlp_norm(layer)
-                megatron_compat.canonical_norm_keys(layer, moe=False)
             layer.submodules.mlp = ModuleSpec(
                 module=SkipMemoryMLP,
                 submodules=SkipMemorySubmodules(

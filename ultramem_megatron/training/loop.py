@@ -16,7 +16,8 @@ from ..config import ConfigError, RunConfig, architecture_differences
 from ..data.loader import build_datasets, dataset_sizes, iterate_batches, validation_batches
 from ..data.prepare import ensure_prepared
 from ..data.tokenizer import load_tokenizer
-from ..model import MemoryGPT, build_model
+from ..model import build_model_chunks
+from ..model.chunks import ModelChunks
 from ..kernels.choice import check_kernel_choice, uses_triton
 from ..model.capabilities import Capabilities
 from ..model.stats import model_stats
@@ -59,21 +60,29 @@ def memory_kernels(run: RunConfig, caps: Capabilities) -> str:
     return ", Triton memory kernels" if triton else ", torch memory ops"
 
 
-def _loss_func(model: MemoryGPT, loss_mask: torch.Tensor, output: torch.Tensor):
-    """output: per-token losses [b, s] -> (masked mean, values to log). The memory aux losses
-    are not added: their gradients join the backward inside the model (AuxLossGradient, scaled
-    by MemoryGPT.set_aux_loss_scale), on whatever stage or recompute runs their blocks."""
+def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    """output: per-token losses [b, s] -> (masked mean, values to log); on the last pipeline
+    stage only. The memory aux losses are not added: their gradients join the backward inside
+    the model (AuxLossGradient, scaled by MemoryGPT.set_aux_loss_scale), on whatever stage or
+    recompute runs their blocks, and their values are collected from the model chunks."""
     lm_loss = (output.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1)
-    aux = model.memory_aux_loss()
     # Clone: megatron's schedule divides the returned loss by the number of micro-batches in place.
-    return lm_loss, {"lm_loss": lm_loss.detach().clone(),
-                     "aux_loss": aux.float() if aux is not None else torch.zeros(())}
+    return lm_loss, {"lm_loss": lm_loss.detach().clone()}
 
 
-def _forward_step(model: MemoryGPT, data_iterator, ddp_model):
+def _forward_step(data_iterator, ddp_chunk):
+    """One micro-batch through one model chunk: the first stage reads the tokens, the last the
+    labels (every stage reads the whole batch; middle stages take their input from the
+    previous stage)."""
     batch = {k: v.to(megatron_compat.device()) for k, v in next(data_iterator).items()}
-    output = ddp_model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return output, partial(_loss_func, model, batch["loss_mask"])
+    output = ddp_chunk(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(_loss_func, batch["loss_mask"])
+
+
+def _mean_lm_loss(reduced: list[dict]) -> float:
+    """The micro-batches' mean LM loss, computed on the last pipeline stage, on every rank."""
+    local = sum(r["lm_loss"].item() for r in reduced) / len(reduced) if reduced else 0.0
+    return megatron_compat.from_last_stage([local], megatron_compat.device())[0]
 
 
 def _mean_over_data_parallel(values: list[float]) -> list[float]:
@@ -136,17 +145,18 @@ class Trainer:
             valid_seed=run.data.valid_seed)
 
         self.dtype = training_dtype(run)
-        self.model = build_model(run.model, run.parallel, self.dtype, self.capabilities)
+        self.model = ModelChunks(build_model_chunks(run.model, run.parallel, self.dtype,
+                                                    self.capabilities, init_seed=train.seed))
         if self.is_logger:
             print(f"{run.model.family} model, {str(self.dtype).removeprefix('torch.')}, "
                   f"{'Transformer Engine' if self.capabilities.transformer_engine else 'local'} "
                   f"layers{memory_kernels(run, self.capabilities)}; "
                   f"{self.capabilities.describe()}", flush=True)
-        self.ddp_model = megatron_compat.wrap_data_parallel(
-            self.model, run.parallel.use_distributed_optimizer,
+        self.ddp_chunks = megatron_compat.wrap_model_chunks(
+            list(self.model), run.parallel.use_distributed_optimizer,
             overlap_grad_reduce=run.parallel.overlap_grad_reduce,
             overlap_param_gather=run.parallel.overlap_param_gather)
-        self.optimizer, self.scheduler = build_optimizer(run, [self.ddp_model], self.dtype)
+        self.optimizer, self.scheduler = build_optimizer(run, self.ddp_chunks, self.dtype)
         self.checkpointer = Checkpointer(train.run_dir, train.keep_last, run, train.async_save)
         self.state = TrainState()
         self.checkpointer.clean_incomplete()
@@ -176,26 +186,32 @@ class Trainer:
         gather is done. As in megatron-LM's training loop the gather hooks stay off until the
         first step (every rank already holds the initial / loaded parameters)."""
         self._refresh_pending: set = set()
-        if not megatron_compat.overlaps_param_gather(self.ddp_model):
+        if not self._overlaps_param_gather():
             return
-        megatron_compat.set_param_gather_hooks(self.ddp_model, False)
-        for layer in self.model.memory_layers():
-            module = getattr(layer, "retrieval", layer)   # UltraMem: the first module start() calls
-            module.register_forward_pre_hook(partial(self._refresh_before_forward, layer))
+        for chunk, ddp_chunk in zip(self.model, self.ddp_chunks):
+            megatron_compat.set_param_gather_hooks(ddp_chunk, False)
+            for layer in chunk.memory_layers():
+                module = getattr(layer, "retrieval", layer)   # UltraMem: start()'s first module
+                module.register_forward_pre_hook(
+                    partial(self._refresh_before_forward, ddp_chunk, layer))
 
-    def _refresh_before_forward(self, layer, module, *unused) -> None:
+    def _overlaps_param_gather(self) -> bool:
+        return megatron_compat.overlaps_param_gather(self.ddp_chunks[0])
+
+    def _refresh_before_forward(self, ddp_chunk, layer, module, *unused) -> None:
         # The whole layer's gather, not only the retrieval's: megatron's pre-hooks fire on module
         # calls, and the value module is never called (UltraMemLayer.start uses its dispatch()),
         # so without this its table would stay stale wherever the optimizer shards it (counted:
         # scripts/bench_grad_traffic.py --count --overlap, P = 1).
-        megatron_compat.wait_param_gather(self.ddp_model, layer)
+        megatron_compat.wait_param_gather(ddp_chunk, layer)
         if layer in self._refresh_pending:
             layer.refresh_rank1()
             self._refresh_pending.discard(layer)
 
     def _after_optimizer_step(self) -> None:
-        if megatron_compat.overlaps_param_gather(self.ddp_model):
-            megatron_compat.set_param_gather_hooks(self.ddp_model, True)
+        if self._overlaps_param_gather():
+            for ddp_chunk in self.ddp_chunks:
+                megatron_compat.set_param_gather_hooks(ddp_chunk, True)
             self._refresh_pending = set(self.model.memory_layers())
         else:
             self.model.refresh_rank1()
@@ -204,7 +220,8 @@ class Trainer:
         """Every parameter current and every rank-1 filter refreshed: before anything outside a
         forward reads them (metrics, evaluation, checkpoints, the end of the run). A no-op
         without parallel.overlap_param_gather."""
-        megatron_compat.sync_params(self.ddp_model)
+        for ddp_chunk in self.ddp_chunks:
+            megatron_compat.sync_params(ddp_chunk)
         for layer in self.model.memory_layers():
             if layer in self._refresh_pending:
                 layer.refresh_rank1()
@@ -212,17 +229,22 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- steps
 
-    def _schedule(self, data: Iterator, num_microbatches: int, forward_only: bool) -> list[dict]:
+    def _schedule(self, data: list[Iterator], num_microbatches: int,
+                  forward_only: bool) -> list[dict]:
+        """megatron's schedule for the layout (no pipelining, 1F1B, or interleaved 1F1B over
+        this rank's model chunks); data: one iterator per chunk, over the same micro-batches."""
         self.model.set_aux_loss_scale(1.0 / num_microbatches)
         return get_forward_backward_func()(
-            forward_step_func=partial(_forward_step, self.model),
-            data_iterator=data, model=[self.ddp_model], num_microbatches=num_microbatches,
+            forward_step_func=_forward_step,
+            data_iterator=data if len(data) > 1 else data[0], model=self.ddp_chunks,
+            num_microbatches=num_microbatches,
             seq_length=self.cfg.model.seq_length, micro_batch_size=self.cfg.train.micro_batch_size,
             forward_only=forward_only)
 
-    def train_step(self, data: Iterator) -> dict:
-        self.ddp_model.train()
-        self.ddp_model.zero_grad_buffer()
+    def train_step(self, data: list[Iterator]) -> dict:
+        for ddp_chunk in self.ddp_chunks:
+            ddp_chunk.train()
+            ddp_chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         reduced = self._schedule(data, self.num_microbatches, forward_only=False)
         update_ok, grad_norm, _ = self.optimizer.step()
@@ -234,8 +256,7 @@ class Trainer:
         self.state.step += 1
         self.state.consumed_samples += self.cfg.train.global_batch_size
         lm, aux = _mean_over_data_parallel([
-            sum(r["lm_loss"].item() for r in reduced) / len(reduced),
-            sum(r["aux_loss"].item() for r in reduced) / len(reduced)])
+            _mean_lm_loss(reduced), self.model.take_aux_loss(self.num_microbatches)])
         return {"loss": lm, "aux_loss": aux, "grad_norm": float(grad_norm)}
 
     @torch.no_grad()
@@ -243,12 +264,14 @@ class Trainer:
         if self.valid_data is None:
             return None
         self.sync_params()
-        self.ddp_model.eval()
+        for ddp_chunk in self.ddp_chunks:
+            ddp_chunk.eval()
         batches = validation_batches(self.valid_data, self.cfg.train.micro_batch_size,
                                      self.cfg.train.eval_iters * self.num_microbatches,
                                      dp_rank=self.dp_rank, dp_size=self.dp_size)
-        reduced = self._schedule(iter(batches), len(batches), forward_only=True)
-        (loss,) = _mean_over_data_parallel([sum(r["lm_loss"].item() for r in reduced) / len(reduced)])
+        reduced = self._schedule([iter(batches) for _ in self.ddp_chunks], len(batches),
+                                 forward_only=True)
+        (loss,) = _mean_over_data_parallel([_mean_lm_loss(reduced)])
         return loss
 
     def _throughput_record(self) -> dict:
@@ -292,8 +315,10 @@ class Trainer:
         the returned record then has "stopped_by"."""
         train = self.cfg.train
         stop = stop or StopRequest()
-        data = iterate_batches(self.train_data, train.micro_batch_size, self.state.consumed_samples,
-                               dp_rank=self.dp_rank, dp_size=self.dp_size)
+        data = [iterate_batches(self.train_data, train.micro_batch_size,
+                                self.state.consumed_samples, dp_rank=self.dp_rank,
+                                dp_size=self.dp_size)
+                for _ in self.ddp_chunks]   # each model chunk reads every micro-batch
         logger = MetricsLogger(self.cfg, self.state.step) if self.is_logger else None
         last = {}
         self.throughput.restart()
