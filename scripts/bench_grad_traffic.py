@@ -379,7 +379,8 @@ def worker(args) -> None:
     run = load_config(ROOT / "configs/tiny.yaml", SMALL + [f"train.run_dir={args.run_dir}"]
                       + overrides)
     trainer = Trainer(run)
-    counter = Counter(trainer.ddp_model)
+    ddp = trainer.ddp_chunks[0]   # one model chunk: no pipelining here
+    counter = Counter(ddp)
     from ultramem_megatron.data.loader import iterate_batches
 
     data = iterate_batches(trainer.train_data, run.train.micro_batch_size, 0,
@@ -387,15 +388,15 @@ def worker(args) -> None:
     losses = []
     for step in range(COUNT_STEPS):
         counter.active = step == COUNT_STEPS - 1
-        losses.append(trainer.train_step(data)["loss"])
+        losses.append(trainer.train_step([data])["loss"])
     counter.active = False
     trainer.sync_params()
     result = {"sent": counter.sent, "losses": losses,
               "micro_batches": trainer.num_microbatches,
               "dtype": str(trainer.dtype).removeprefix("torch."),
               "buffers": {part: sum(b.grad_data.numel() for b in buffers)
-                          for part, buffers in (("other", trainer.ddp_model.buffers),
-                                                ("value", trainer.ddp_model.expert_parallel_buffers))}}
+                          for part, buffers in (("other", ddp.buffers),
+                                                ("value", ddp.expert_parallel_buffers))}}
     if torch.distributed.get_rank() == 0:
         Path(args.worker).write_text(json.dumps(result))
     from ultramem_megatron import megatron_compat

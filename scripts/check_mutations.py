@@ -1,6 +1,6 @@
 """Break the memory layer on purpose, in a scratch copy, and show which tests catch each break.
 
-    python scripts/check_mutations.py [--only memory|parallel|export|kernels]
+    python scripts/check_mutations.py [--only memory|parallel|export|kernels] [--match TEXT]
 
 Single-device mutations run tests/memory (about 40 s each); parallel ones run the torchrun tests
 that should catch them (about 1 minute each); export ones run tests/export/test_export.py; kernel
@@ -22,6 +22,12 @@ TRAINING_TESTS = ["tests/parallel/test_parallel_training.py", "-k", "p2-value"]
 EXPORT_TESTS = ["tests/export/test_export.py"]
 SYNC_TESTS = ["tests/parallel/test_host_sync.py", "-m", "not slow"]
 ROW_SYNC_TESTS = ["tests/parallel/test_host_sync.py", "-m", "slow"]
+PIPELINE = "tests/parallel/test_pipeline_training.py"
+PIPELINE_TESTS = [PIPELINE, "-k", "pp2-1f1b"]
+INTERLEAVED_TESTS = [PIPELINE, "-k", "interleaved"]
+EXPERT_TESTS = [PIPELINE, "-k", "moe-ep2 and not tp2"]
+RECOMPUTE_TESTS = ["tests/training/test_recompute.py", "-k", "full_uniform"]
+CONTEXT_TESTS = ["tests/parallel/test_context_parallel.py", "-m", "slow"]
 
 # name -> (file, exact text to replace, replacement[, tests]). Each mimics a bug seen in the wild
 # or one easy to write; tests default to MEMORY_TESTS.
@@ -129,6 +135,43 @@ MUTATIONS = {
         "",
         TRAINING_TESTS,
     ),
+    "pipeline: spans and seeds placed by the stage's local block index": (
+        "ultramem_megatron/model/specs.py",
+        "enumerate(block.layer_specs, start=offset)",
+        "enumerate(block.layer_specs)",
+        PIPELINE_TESTS,
+    ),
+    "pipeline: aux losses of the other stages dropped": (
+        "ultramem_megatron/model/chunks.py",
+        "megatron_compat.sum_over_stages(total).item()",
+        "total.item()",
+        PIPELINE_TESTS,
+    ),
+    "interleaved pipeline: batched p2p (a stage's two directions to one peer share a tag)": (
+        "ultramem_megatron/model/gpt.py",
+        "virtual_pipeline_model_parallel_size=virtual, overlap_p2p_comm=True,\n"
+        "                      batch_p2p_comm=False)",
+        "virtual_pipeline_model_parallel_size=virtual)",
+        INTERLEAVED_TESTS,
+    ),
+    "expert parallel: experts reduced as dense parameters (each rank's experts averaged)": (
+        "ultramem_megatron/model/gpt.py",
+        "        expert_model_parallel_size=parallel.expert_model_parallel_size if moe else 1,\n",
+        "",
+        EXPERT_TESTS,
+    ),
+    "recompute: the memory counted in the graph-free first run too": (
+        "ultramem_megatron/memory/usage.py",
+        "        if self.training and torch.is_grad_enabled():",
+        "        if self.training:",
+        RECOMPUTE_TESTS,
+    ),
+    "context parallel: memory statistics over this rank's tokens only": (
+        "ultramem_megatron/parallel/comm.py",
+        "([sum_over_context_parallel_ranks] if context_parallel else [])",
+        "[]",
+        CONTEXT_TESTS,
+    ),
     "export: q and k rows swapped when splitting megatron's qkv": (
         "ultramem_megatron/export/convert.py",
         "per_head[:, i]",
@@ -234,8 +277,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["memory", "parallel", "export", "kernels"])
+    parser.add_argument("--match", default="", help="only mutations whose name contains this")
     args = parser.parse_args()
-    names = [name for name, spec in MUTATIONS.items() if args.only in (None, group(spec))]
+    names = [name for name, spec in MUTATIONS.items()
+             if args.only in (None, group(spec)) and args.match in name]
     survivors = 0
     for name in names:
         code, failed = run_mutation(name)

@@ -383,6 +383,11 @@ def _validate_memory_parallel(model: ModelConfig, parallel: ParallelConfig) -> N
     if parallel.sequence_parallel and memory.query_conv_kernel > 0:
         raise ConfigError("model.ultramem.query_conv_kernel > 0 with parallel.sequence_parallel: "
                           "the causal convolution would need the previous rank's tokens")
+    if parallel.context_parallel_size > 1 and memory.query_conv_kernel > 0:
+        raise ConfigError("model.ultramem.query_conv_kernel > 0 with "
+                          "parallel.context_parallel_size > 1: each context rank holds two "
+                          "non-adjacent chunks of every sequence, so the causal convolution "
+                          "would need tokens of other ranks; set query_conv_kernel=0")
 
 
 # megatron's selective recompute modules that are tested here. Not "mlp" / "moe" / "layernorm":
@@ -489,9 +494,14 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"parallel.expert_model_parallel_size > 1 splits the MoE family's "
                           f"experts; model.family is {model.family!r} (UltraMem shards its "
                           f"values with parallel.memory_parallel_size)")
-    if parallel.context_parallel_size > 1:   # validated above so the rules hold when it lands
-        raise ConfigError("parallel.context_parallel_size > 1 is not supported yet (issue 15: the "
-                          "training loop runs one context rank)")
+    context = parallel.context_parallel_size
+    if context > 1 and model.seq_length % (2 * context):
+        raise ConfigError(f"model.seq_length ({model.seq_length}) must be divisible by 2 x "
+                          f"parallel.context_parallel_size ({2 * context}): megatron gives each "
+                          f"context rank two chunks of every sequence (causal load balance)")
+    if context > 1 and model.family == "pkm":
+        raise ConfigError("parallel.context_parallel_size > 1 is not supported with the pkm "
+                          "family: its BatchNorm query needs every token of the sequence")
     if model.family == "pkm" and parallel.sequence_parallel:
         raise ConfigError("parallel.sequence_parallel is not supported with the pkm family: its "
                           "BatchNorm query needs every token of the sequence")

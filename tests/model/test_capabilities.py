@@ -98,6 +98,8 @@ def test_megatron_accepts_every_capability_combination(name):
                 assert config.bias_activation_fusion <= (caps.cuda and caps.triton)
                 assert config.masked_softmax_fusion <= caps.softmax_kernels
                 assert config.gradient_accumulation_fusion <= caps.grad_accum_kernel
+                assert config.moe_grouped_gemm == (caps.transformer_engine
+                                                   and model.family == "moe")
                 checked += 1
     assert checked >= 2 * 2 * 64
 

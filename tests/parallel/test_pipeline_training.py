@@ -61,12 +61,14 @@ def references(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("processes, model, layout", [
     (2, "four", pipeline(2)),
+    # + megatron-LM's aligned grad reduction per chunk and the deferred parameter gather
     (4, "four", [*pipeline(2), "parallel.memory_parallel_size=2", "parallel.memory_parallel_mode=row",
-                 "parallel.recompute_granularity=full", "parallel.recompute_num_layers=2"]),
+                 "parallel.recompute_granularity=full", "parallel.recompute_num_layers=2",
+                 "parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true"]),
     (2, "moe", ["parallel.expert_model_parallel_size=2"]),
     (4, "moe", ["parallel.expert_model_parallel_size=2", "parallel.tensor_model_parallel_size=2",
                 "parallel.sequence_parallel=true"]),
-], ids=["pp2-1f1b", "pp2-p2-row-full-recompute", "moe-ep2", "moe-ep2-tp2-sp"])
+], ids=["pp2-1f1b", "pp2-p2-row-full-recompute-overlap", "moe-ep2", "moe-ep2-tp2-sp"])
 def test_layout_reproduces_single_process_trace(references, tmp_path, processes, model, layout):
     overrides = {"four": FOUR_BLOCKS, "moe": MOE}[model]
     train(tmp_path, *STEPS, *overrides, *layout, python=torchrun(processes), env=ENV)

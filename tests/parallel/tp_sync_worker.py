@@ -31,7 +31,7 @@ def main(out: Path, family: str, sync: bool) -> None:
             param.register_hook(lambda grad, rank=tp_rank: grad * (1 + 1e-3 * rank))
     data = iterate_batches(trainer.train_data, run.train.micro_batch_size, 0, dp_rank=0, dp_size=1)
     for _ in range(STEPS):
-        trainer.train_step(data)
+        trainer.train_step([data])
     torch.save({name: param.detach().clone() for name, param in memory
                 if not getattr(param, "tensor_model_parallel", False)},
                out / f"rank{tp_rank}.pt")

@@ -18,8 +18,9 @@ from .distributed import (_init_process_group, average_grads_over_tp, destroy_di
                           overlaps_param_gather, params_synced, set_param_gather_hooks,
                           sync_params, wait_param_gather, wrap_float16, wrap_model_chunks)
 from .moe import moe_aux_losses, seed_experts
-from .pipeline import (Stage, block_spec_for_stage, from_last_stage, gather_over_stages,
-                       local_stages, seed_layer, single_stage, sum_over_stages)
+from .pipeline import (Stage, block_spec_for_stage, context_parallel_part, from_last_stage,
+                       gather_over_stages, local_stages, seed_layer, single_stage,
+                       sum_over_stages)
 from .layers import (build_dense_mlp, build_ffn, build_moe_layer, canonical_norm_keys,
                      fused_rope_available, param_key, standard_param_group_overrides,
                      transformer_engine_available, unfuse_pre_mlp_norm,
@@ -35,7 +36,7 @@ __all__ = [
     "wait_param_gather", "rename_sharded_keys", "rng_tracker_states", "set_rng_tracker_states",
     "standard_param_group_overrides", "start_async_save", "transformer_engine_available",
     "unfuse_pre_mlp_norm", "use_sequence_parallel_norms", "wrap_model_chunks", "wrap_float16",
-    "Stage", "block_spec_for_stage", "from_last_stage", "gather_over_stages", "local_stages",
+    "Stage", "block_spec_for_stage", "context_parallel_part", "from_last_stage", "gather_over_stages", "local_stages",
     "seed_experts", "seed_layer", "single_stage", "sum_over_stages",
     "_init_process_group",
 ]

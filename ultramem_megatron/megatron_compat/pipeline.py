@@ -1,8 +1,10 @@
-"""Pipeline stages: which blocks a model chunk builds, its seeded layers, and the stage groups."""
+"""Pipeline stages and context ranks: which blocks a model chunk builds, its seeded layers, the
+stage groups, and each context rank's part of a sequence."""
 
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass
 from typing import Optional
 
@@ -100,6 +102,20 @@ def gather_over_stages(record: dict) -> list[dict]:
     records: list = [None] * _pipeline_size()
     dist.all_gather_object(records, record, group=parallel_state.get_pipeline_model_parallel_group())
     return records
+
+
+def context_parallel_part(batch: dict) -> dict:
+    """This context rank's part of a batch of [b, s] tensors: megatron's causal load balance
+    (the sequence cut into 2 x CP chunks, rank r keeping chunks r and 2 x CP - 1 - r), the
+    layout its context-parallel attention expects. The batch itself without CP."""
+    if not parallel_state.model_parallel_is_initialized() or \
+            parallel_state.get_context_parallel_world_size() == 1:
+        return batch
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters:
+        return get_batch_on_this_cp_rank(dict(batch), is_hybrid_cp=False)   # >= 0.19
+    return get_batch_on_this_cp_rank(dict(batch))
 
 
 def set_chunk_sync_funcs(config, ddp_chunks: list, overlap_grad_reduce: bool) -> None:

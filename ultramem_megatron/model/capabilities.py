@@ -78,6 +78,7 @@ class FusionChoice:
     masked_softmax_fusion: bool
     apply_rope_fusion: bool
     gradient_accumulation_fusion: bool
+    moe_grouped_gemm: bool            # TE's grouped GEMM over a rank's local experts
     attention_backend: str            # megatron AttnBackend member name
 
     def config_fields(self) -> dict:
@@ -99,6 +100,8 @@ def choose_fusions(model: ModelConfig, caps: Optional[Capabilities] = None) -> F
     - RoPE: TE's fused kernel, through megatron.
     - gradient accumulation into main_grad: apex's kernel (the output layer is megatron's own
       linear even under the TE spec, so TE alone is not enough).
+    - MoE experts: TE's grouped GEMM (TEGroupedMLP) under the TE spec, one GEMM per rank's
+      local experts; megatron's SequentialMLP (a loop over experts) otherwise.
     """
     caps = caps if caps is not None else Capabilities.detect()
     compiled = caps.cuda and caps.triton
@@ -110,4 +113,5 @@ def choose_fusions(model: ModelConfig, caps: Optional[Capabilities] = None) -> F
         apply_rope_fusion=(caps.cuda and caps.transformer_engine and caps.rope_kernel
                            and model.position_embedding == "rope"),
         gradient_accumulation_fusion=caps.cuda and caps.grad_accum_kernel,
+        moe_grouped_gemm=caps.transformer_engine and model.family == "moe",
         attention_backend="auto" if caps.transformer_engine else "local")

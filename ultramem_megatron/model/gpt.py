@@ -39,6 +39,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
         bf16=dtype == torch.bfloat16,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
+        context_parallel_size=parallel.context_parallel_size,
+        cp_comm_type="p2p" if parallel.context_parallel_size > 1 else None,   # megatron-LM's
         **pipeline_fields(parallel, dtype),
         use_cpu_initialization=True,   # the same weights whatever the parallel layout
         **fusions.config_fields(),

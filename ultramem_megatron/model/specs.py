@@ -10,7 +10,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from .. import megatron_compat
 from ..config import ModelConfig, ParallelConfig
 from ..memory import ProductKeyMemory, UltraMemLayer
-from ..parallel.comm import sum_over_sequence_parallel_ranks
+from ..parallel.comm import token_sum_over
 from ..parallel.sharded_values import ShardedValueExpansion
 from .skip_memory import MemoryBus, SkipMemoryMLP, SkipMemorySubmodules
 
@@ -23,8 +23,9 @@ def memory_spec(model: ModelConfig, parallel: ParallelConfig, config: Transforme
         values = ModuleSpec(module=ShardedValueExpansion, params={
             "mode": parallel.memory_parallel_mode, "overlap": parallel.overlap_memory_comm,
             "sequence_parallel": config.sequence_parallel})
-        token_sum = (sum_over_sequence_parallel_ranks
-                     if config.sequence_parallel and config.tensor_model_parallel_size > 1 else None)
+        token_sum = token_sum_over(
+            config.sequence_parallel and config.tensor_model_parallel_size > 1,
+            config.context_parallel_size > 1)
         return ModuleSpec(module=UltraMemLayer, params={"memory": model.ultramem, "values": values,
                                                         "token_sum": token_sum})
     return ModuleSpec(module=ProductKeyMemory, params={"pkm": model.pkm})

@@ -85,3 +85,28 @@ def sum_over_sequence_parallel_ranks(x: torch.Tensor) -> torch.Tensor:
     megatron's reduce_from_tensor_model_parallel_region (identity backward, replicated use)."""
     from megatron.core import parallel_state
     return _AllReduceSum.apply(x, parallel_state.get_tensor_model_parallel_group())
+
+
+def sum_over_context_parallel_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Sum of x over the CP group, whose ranks hold different chunks of each sequence (backward
+    as sum_over_sequence_parallel_ranks)."""
+    from megatron.core import parallel_state
+    return _AllReduceSum.apply(x, parallel_state.get_context_parallel_group())
+
+
+def token_sum_over(sequence_parallel: bool, context_parallel: bool):
+    """The sum over every rank holding other tokens of the same sequences (TP under sequence
+    parallelism, CP), for statistics over all of them; None when each rank holds them all."""
+    sums = ([sum_over_sequence_parallel_ranks] if sequence_parallel else []) + \
+        ([sum_over_context_parallel_ranks] if context_parallel else [])
+    if not sums:
+        return None
+    if len(sums) == 1:
+        return sums[0]
+
+    def token_sum(x: torch.Tensor) -> torch.Tensor:
+        for total in sums:
+            x = total(x)
+        return x
+
+    return token_sum

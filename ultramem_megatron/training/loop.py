@@ -49,7 +49,13 @@ def machine_capabilities(run: RunConfig) -> Capabilities:
             check_kernel_choice(run.model.ultramem.kernel, "cuda" if caps.cuda else "cpu")
         except ValueError as err:
             raise ConfigError(str(err)) from None
-    return replace(caps, transformer_engine=False) if impl == "local" else caps
+    caps = replace(caps, transformer_engine=False) if impl == "local" else caps
+    if run.parallel.context_parallel_size > 1 and not caps.transformer_engine:
+        raise ConfigError("parallel.context_parallel_size > 1 needs Transformer Engine's "
+                          "attention (megatron's local attention runs one context rank only); "
+                          + ("train.transformer_impl=local" if impl == "local" else
+                             "Transformer Engine does not import here"))
+    return caps
 
 
 def memory_kernels(run: RunConfig, caps: Capabilities) -> str:
@@ -75,6 +81,7 @@ def _forward_step(data_iterator, ddp_chunk):
     labels (every stage reads the whole batch; middle stages take their input from the
     previous stage)."""
     batch = {k: v.to(megatron_compat.device()) for k, v in next(data_iterator).items()}
+    batch = megatron_compat.context_parallel_part(batch)   # the batch itself without CP
     output = ddp_chunk(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return output, partial(_loss_func, batch["loss_mask"])
 
@@ -86,10 +93,13 @@ def _mean_lm_loss(reduced: list[dict]) -> float:
 
 
 def _mean_over_data_parallel(values: list[float]) -> list[float]:
+    """Means over the data-parallel and context-parallel ranks (each CP rank's loss is over its
+    part of the sequences; the parts are equal)."""
     tensor = torch.tensor(values, dtype=torch.float64, device=megatron_compat.device())
     if dist.is_initialized():
-        dist.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
-        tensor /= parallel_state.get_data_parallel_world_size()
+        dist.all_reduce(tensor, group=parallel_state.get_data_parallel_group(
+            with_context_parallel=True))
+        tensor /= parallel_state.get_data_parallel_world_size(with_context_parallel=True)
     return tensor.tolist()
 
 
@@ -285,11 +295,13 @@ class Trainer:
         return record
 
     def _usage_groups(self) -> list:
-        """The ranks whose memory lookups differ: data-parallel, and TP under sequence
-        parallelism (each TP rank then retrieves for its own tokens)."""
+        """The ranks whose memory lookups differ: data-parallel, TP under sequence parallelism
+        (each TP rank then retrieves for its own tokens), and context-parallel."""
         groups = [parallel_state.get_data_parallel_group()]
         if self.cfg.parallel.sequence_parallel:
             groups.append(parallel_state.get_tensor_model_parallel_group())
+        if self.cfg.parallel.context_parallel_size > 1:
+            groups.append(parallel_state.get_context_parallel_group())
         return groups
 
     def _learning_rates(self) -> tuple[float, Optional[float]]:
