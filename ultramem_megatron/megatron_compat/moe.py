@@ -53,7 +53,7 @@ def _seeded_sequential_mlp(experts_class: type) -> type:
         builds it) draws its weights from its own seed."""
 
         def __init__(self, num_local_experts, config, submodules, pg_collection=None, *,
-                     init_seed: int):
+                     init_seed: int, **kwargs):   # kwargs: `name` on megatron-core >= 0.18
             group = getattr(pg_collection, "ep", None)
             ep_rank = torch.distributed.get_rank(group) if group is not None else 0
             index = itertools.count(ep_rank * num_local_experts)
@@ -69,7 +69,7 @@ def _seeded_sequential_mlp(experts_class: type) -> type:
 
             experts_module.MLP = seeded_expert   # what SequentialMLP calls per local expert
             try:
-                super().__init__(num_local_experts, config, submodules, pg_collection)
+                super().__init__(num_local_experts, config, submodules, pg_collection, **kwargs)
             finally:
                 experts_module.MLP = build_expert
             # What is drawn next (the output layer, after the last block) must not depend on
@@ -83,11 +83,19 @@ def _seeded_sequential_mlp(experts_class: type) -> type:
 def seed_experts(layer_spec, init_seed: int) -> None:
     """Give an MoE layer spec's SequentialMLP experts per-expert seeds (in place), so expert e
     starts from the same weights at every expert-parallel size. Grouped-GEMM experts (one
-    weight over a rank's local experts) are left as megatron draws them."""
+    weight over a rank's local experts) are left as megatron draws them. The MoE spec is a
+    ModuleSpec, or (megatron-core >= 0.18) a functools.partial of MoELayer."""
     from megatron.core.transformer.moe.experts import SequentialMLP
 
-    experts = getattr(layer_spec.submodules.mlp.submodules, "experts", None)
-    if experts is None or not issubclass(experts.module, SequentialMLP):
-        return
-    experts.module = _seeded_sequential_mlp(experts.module)
-    experts.params = {**experts.params, "init_seed": init_seed & 0xFFFF_FFFF_FFFF_FFFF}
+    mlp = layer_spec.submodules.mlp
+    moe = mlp.keywords.get("submodules") if isinstance(mlp, functools.partial) else \
+        getattr(mlp, "submodules", None)
+    experts = getattr(moe, "experts", None)
+    seed = init_seed & 0xFFFF_FFFF_FFFF_FFFF
+    if isinstance(experts, functools.partial):
+        if isinstance(experts.func, type) and issubclass(experts.func, SequentialMLP):
+            moe.experts = functools.partial(_seeded_sequential_mlp(experts.func), *experts.args,
+                                            **experts.keywords, init_seed=seed)
+    elif experts is not None and issubclass(experts.module, SequentialMLP):
+        experts.module = _seeded_sequential_mlp(experts.module)
+        experts.params = {**experts.params, "init_seed": seed}
