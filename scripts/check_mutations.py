@@ -160,10 +160,16 @@ MUTATIONS = {
         "",
         EXPERT_TESTS,
     ),
-    "recompute: the memory counted in the graph-free first run too": (
-        "ultramem_megatron/memory/usage.py",
-        "        if self.training and torch.is_grad_enabled():",
-        "        if self.training:",
+    "recompute: the query BatchNorm's statistics also moved by the graph-free first run": (
+        "ultramem_megatron/memory/selection.py",
+        "    return norm.training and norm.track_running_stats and torch.is_grad_enabled()",
+        "    return norm.training and norm.track_running_stats",
+        RECOMPUTE_TESTS,
+    ),
+    "recompute: the aux loss logged from the graph-free first run too": (
+        "ultramem_megatron/model/skip_memory.py",
+        "            if self.training and torch.is_grad_enabled():",
+        "            if self.training:",
         RECOMPUTE_TESTS,
     ),
     "context parallel: memory statistics over this rank's tokens only": (
