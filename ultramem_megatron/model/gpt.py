@@ -93,7 +93,8 @@ def recompute_fields(parallel: ParallelConfig) -> dict:
 class MemoryGPT(GPTModel):
     """GPTModel (one pipeline model chunk of it: the whole model by default) whose decoder may
     hold skip-layer memories; forward is GPTModel's. Every block draws its initial weights from
-    init_seed + its global index, so a chunk holds the weights the whole model would."""
+    a seed made of init_seed and its global index (model/specs.py), so a chunk holds the weights
+    the whole model would."""
 
     def __init__(self, model: ModelConfig, parallel: ParallelConfig, config: TransformerConfig,
                  use_transformer_engine: bool = False,
