@@ -100,3 +100,13 @@ def test_interleaved_pipeline_resumes_on_four_stages(references, tmp_path):
     resume_from(saved, wide, 3)
     train(wide, *STEPS, *EIGHT_BLOCKS, *pipeline(4), python=torchrun(4), env=ENV)
     assert_same_trace(wide, references["eight"], [4, 5])
+
+
+def test_interleaved_pipeline_in_bf16(tmp_path):
+    """The GPU run's precision through the pipeline: bf16 chunks each in megatron's
+    Float16Module, bf16 activations between stages (pipeline_dtype), fp32 main grads; the trace
+    of one bf16 process (measured: equal to 1e-7)."""
+    bf16 = [*STEPS, *EIGHT_BLOCKS, "train.precision=bf16"]
+    train(tmp_path / "single", *bf16)
+    train(tmp_path / "pp2-vpp2", *bf16, *pipeline(2, 2), python=torchrun(2), env=ENV)
+    assert_same_trace(tmp_path / "pp2-vpp2", tmp_path / "single", [1, 2, 3, 4, 5])

@@ -3,7 +3,8 @@
 # megatron-core hard-codes torch.cuda in many places: cpu.py makes the parts we use run on a
 # CPU-only machine (a no-op when CUDA is available). distributed.py sets up process groups and
 # wraps models, pipeline.py places blocks on pipeline stages, layers.py builds megatron layers
-# from specs, checkpoints.py holds everything dist_checkpointing needs. The rest of the package imports from here only. Tested on
+# from specs, moe.py seeds experts and reads the aux-loss tracker, checkpoints.py holds
+# everything dist_checkpointing needs. The rest of the package imports from here only. Tested on
 # megatron-core 0.16.1 (Python 3.11) and 0.19.2 (Python 3.12); attributes that differ between
 # versions are looked up with hasattr/getattr, and each version-specific branch says which
 # versions take it.
@@ -36,7 +37,8 @@ __all__ = [
     "wait_param_gather", "rename_sharded_keys", "rng_tracker_states", "set_rng_tracker_states",
     "standard_param_group_overrides", "start_async_save", "transformer_engine_available",
     "unfuse_pre_mlp_norm", "use_sequence_parallel_norms", "wrap_model_chunks", "wrap_float16",
-    "Stage", "block_spec_for_stage", "context_parallel_part", "from_last_stage", "gather_over_stages", "local_stages",
+    "Stage", "block_spec_for_stage", "context_parallel_part", "from_last_stage",
+    "gather_over_stages", "local_stages",
     "seed_experts", "seed_layer", "single_stage", "sum_over_stages",
     "_init_process_group",
 ]

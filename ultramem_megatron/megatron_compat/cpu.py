@@ -130,7 +130,8 @@ def _uneven_collectives_on_gloo() -> None:
     an all_reduce (same results; CPU only)."""
     from megatron.core.tensor_parallel import mappings
 
-    gather, reduce_scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+    gather = mappings._gather_along_first_dim
+    reduce_scatter = mappings._reduce_scatter_along_first_dim
     if getattr(gather, "_cpu_compat", False):
         return
 

@@ -6,7 +6,6 @@ import torch
 import torch.distributed as dist
 
 from .. import megatron_compat
-from .gpt import MemoryGPT
 
 
 class ModelChunks:
@@ -14,7 +13,7 @@ class ModelChunks:
     pipelining). Memory layers are named by their span's index in model.memory_spans, which is
     the same on every layout."""
 
-    def __init__(self, chunks: list[MemoryGPT]):
+    def __init__(self, chunks: list):   # MemoryGPT chunks (model/gpt.py)
         self.chunks = chunks
 
     def __iter__(self):

@@ -11,6 +11,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from .. import megatron_compat
 from ..config import ModelConfig, ParallelConfig
 from .capabilities import Capabilities, FusionChoice, choose_fusions
+from .chunks import memory_usage
 from .skip_memory import MemoryBus, SkipMemoryMLP
 from .specs import decoder_block_spec
 
@@ -161,8 +162,6 @@ class MemoryGPT(GPTModel):
     @torch.no_grad()
     def memory_usage(self, groups: Sequence = ()) -> dict[str, Optional[float]]:
         """Utilisation since the last call (model/chunks.py: memory_usage). Resets the counters."""
-        from .chunks import memory_usage
-
         return memory_usage(self.memories(), groups)
 
     @torch.no_grad()

@@ -49,9 +49,10 @@ def decoder_block_spec(model: ModelConfig, parallel: ParallelConfig, config: Tra
     for index, layer in enumerate(block.layer_specs, start=offset):
         layer = copy.deepcopy(layer)
         megatron_compat.canonical_norm_keys(layer, moe=config.num_moe_experts is not None)
-        megatron_compat.seed_layer(layer, (init_seed << 16) + 1 + index)   # not the embedding's
+        seed = (init_seed << 16) + 1 + index   # never the embedding's (init_seed)
+        megatron_compat.seed_layer(layer, seed)
         if config.num_moe_experts is not None:
-            megatron_compat.seed_experts(layer, (init_seed << 16) + 1 + index)
+            megatron_compat.seed_experts(layer, seed)
         if index in starts:
             # The memory reads the pre-FFN norm's output; TE fuses that norm into fc1.
             megatron_compat.unfuse_pre_mlp_norm(layer)

@@ -1,6 +1,7 @@
 """The training loop: megatron's forward/backward schedule, optimizer step, (u, t) refresh, eval,
 metrics and checkpoints."""
 
+import itertools
 import os
 from dataclasses import replace
 from functools import partial
@@ -327,10 +328,10 @@ class Trainer:
         the returned record then has "stopped_by"."""
         train = self.cfg.train
         stop = stop or StopRequest()
-        data = [iterate_batches(self.train_data, train.micro_batch_size,
-                                self.state.consumed_samples, dp_rank=self.dp_rank,
-                                dp_size=self.dp_size)
-                for _ in self.ddp_chunks]   # each model chunk reads every micro-batch
+        # Each model chunk takes every micro-batch (interleaved: chunk by chunk), read once.
+        data = list(itertools.tee(iterate_batches(
+            self.train_data, train.micro_batch_size, self.state.consumed_samples,
+            dp_rank=self.dp_rank, dp_size=self.dp_size), len(self.ddp_chunks)))
         logger = MetricsLogger(self.cfg, self.state.step) if self.is_logger else None
         last = {}
         self.throughput.restart()
