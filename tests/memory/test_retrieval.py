@@ -227,6 +227,7 @@ def test_inference_keeps_normed_keys_until_they_change():
     retrieval = TuckerRetrieval(cfg, hidden_size=16).eval()
     with torch.no_grad():
         retrieval.keys.normal_()
+        retrieval.cores.uniform_()  # the layer's init; torch.empty leaves garbage (once NaN)
         retrieval.key_norm.weight.uniform_(0.5, 1.5)
     x = torch.randn(5, 16)
 
