@@ -12,7 +12,12 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from .memory.config import MemoryConfigError, PKMConfig, UltraMemConfig
+from .memory.config import (MemoryConfigError, MemoryPlusConfig, PKMConfig, UltraMemConfig,
+                            UltraMemV2Config)
+
+# Families with memory layers placed by model.memory_spans, and their config sections.
+MEMORY_SECTIONS = {"pkm": "pkm", "ultramem": "ultramem", "ultramem_v2": "ultramem_v2",
+                   "memory_plus": "memory_plus"}
 
 
 class ConfigError(ValueError):
@@ -32,7 +37,7 @@ class MoEConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    family: Literal["dense", "moe", "pkm", "ultramem"] = "ultramem"
+    family: Literal["dense", "moe", "pkm", "ultramem", "ultramem_v2", "memory_plus"] = "ultramem"
     num_layers: int = 4
     hidden_size: int = 128
     num_attention_heads: int = 4
@@ -45,7 +50,9 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     memory_spans: str = ""                     # "i:j/i:j": block i's FFN input -> after block j
-    ultramem: Optional[UltraMemConfig] = None
+    ultramem: Optional[UltraMemConfig] = None  # ("all": i:i in every block)
+    ultramem_v2: Optional[UltraMemV2Config] = None
+    memory_plus: Optional[MemoryPlusConfig] = None
     pkm: Optional[PKMConfig] = None
     moe: MoEConfig = field(default_factory=MoEConfig)
 
@@ -56,9 +63,24 @@ class ModelConfig:
     def active_spans(self) -> list[tuple[int, int]]:
         """The memory spans this family uses: memory_spans for pkm / ultramem, none otherwise
         (so one file can hold every family's sections and model.family picks)."""
-        if self.family not in ("pkm", "ultramem"):
+        if self.family not in MEMORY_SECTIONS:
             return []
         return parse_spans(self.memory_spans, self.num_layers)
+
+    @property
+    def memory(self):
+        """The family's memory-layer config (None for dense and MoE); UltraMemV2's with
+        memory_layers set to the number of spans (its shared table has one n^2 block each)."""
+        section = MEMORY_SECTIONS.get(self.family)
+        memory = getattr(self, section) if section else None
+        if self.family == "ultramem_v2" and memory is not None:
+            memory = dataclasses.replace(memory, memory_layers=max(1, len(self.active_spans())))
+        return memory
+
+    @property
+    def shares_tables(self) -> bool:
+        """One value table for every memory layer (UltraMemV2, Memory+)."""
+        return self.family in ("ultramem_v2", "memory_plus")
 
 
 @dataclass(frozen=True)
@@ -318,10 +340,11 @@ def to_dict(config: Any) -> dict:
 # Model fields that only shape training (losses, init, regularization): a run may start from
 # weights trained with other values of these. Everything else must match the weights.
 TRAINING_ONLY_FIELDS = {
-    "dropout", "init_std", "ultramem.aux_loss_weight", "ultramem.aux_loss_margin", "ultramem.init",
-    "ultramem.value_lr_start_mult", "ultramem.value_lr_decay_fraction", "moe.aux_loss_coeff",
-    "ultramem.key_balance_weight", "ultramem.kernel",
-    "moe.dispatcher",
+    "dropout", "init_std", "moe.aux_loss_coeff", "moe.dispatcher",
+    *(f"{section}.{name}" for section in ("ultramem", "ultramem_v2")
+      for name in ("aux_loss_weight", "aux_loss_margin", "init", "value_lr_start_mult",
+                   "value_lr_decay_fraction", "key_balance_weight", "kernel")),
+    "memory_plus.value_lr_start_mult", "memory_plus.value_lr_decay_fraction", "memory_plus.kernel",
 }
 
 
@@ -337,7 +360,8 @@ def architecture_differences(ours: ModelConfig, theirs: ModelConfig) -> list[str
         return items
 
     mine, other = flat(ours), flat(theirs)
-    irrelevant = {section for section in ("ultramem", "pkm", "moe") if section != ours.family}
+    irrelevant = {section for section in ("moe", *MEMORY_SECTIONS.values())
+                  if section != ours.family}
     if ours.position_embedding == "rope":
         irrelevant.add("seq_length")   # RoPE has no table sized by the sequence length
     return [f"model.{name}: {mine.get(name)!r} vs {other.get(name)!r}"
@@ -349,17 +373,20 @@ def architecture_differences(ours: ModelConfig, theirs: ModelConfig) -> list[str
 # ------------------------------------------------------------------------------ validation
 
 def parse_spans(spans: str, num_layers: int) -> list[tuple[int, int]]:
-    """'2:5/6:9' -> [(2, 5), (6, 9)]: 0-based blocks, i < j, in range, non-overlapping."""
+    """'2:5/6:9' -> [(2, 5), (6, 9)]: 0-based blocks, i <= j, in range, non-overlapping
+    ('4:4': block 4's FFN input, added after block 4). 'all': i:i in every block."""
     if not spans.strip():
         return []
+    if spans.strip() == "all":
+        return [(i, i) for i in range(num_layers)]
     parsed = []
     for item in spans.split("/"):
         try:
             start, end = (int(x) for x in item.split(":"))
         except ValueError:
             raise ConfigError(f"model.memory_spans: {item!r} is not 'i:j' with integers") from None
-        if not 0 <= start < end < num_layers:
-            raise ConfigError(f"model.memory_spans: {item!r} needs 0 <= i < j < num_layers "
+        if not 0 <= start <= end < num_layers:
+            raise ConfigError(f"model.memory_spans: {item!r} needs 0 <= i <= j < num_layers "
                               f"({num_layers})")
         parsed.append((start, end))
     parsed.sort()
@@ -373,13 +400,19 @@ def parse_spans(spans: str, num_layers: int) -> list[tuple[int, int]]:
 def _validate_memory_parallel(model: ModelConfig, parallel: ParallelConfig) -> None:
     from .parallel.layout import layout_error  # the sharding rule lives with the sharded module
 
-    memory = model.ultramem
-    error = layout_error(parallel.memory_parallel_mode, memory.num_values,
-                         memory.resolved_value_dim(model.hidden_size),
-                         parallel.tensor_model_parallel_size, parallel.memory_parallel_size)
-    if error:
-        raise ConfigError(f"parallel.memory_parallel_mode / memory_parallel_size / "
-                          f"tensor_model_parallel_size: {error}")
+    memory, hidden = model.memory, model.hidden_size
+    rows = memory.table_rows if isinstance(memory, UltraMemV2Config) else memory.num_values
+    widths = {"D_v": memory.resolved_value_dim(hidden)}
+    if isinstance(memory, UltraMemV2Config) and memory.resolved_pre_value_dim(hidden):
+        widths["D_p"] = memory.resolved_pre_value_dim(hidden)
+    for name, width in widths.items():
+        error = layout_error(parallel.memory_parallel_mode, rows, width,
+                             parallel.tensor_model_parallel_size, parallel.memory_parallel_size)
+        if error:
+            raise ConfigError(f"parallel.memory_parallel_mode / memory_parallel_size / "
+                              f"tensor_model_parallel_size ({name}): {error}")
+    if isinstance(memory, MemoryPlusConfig):
+        return
     if parallel.sequence_parallel and memory.query_conv_kernel > 0:
         raise ConfigError("model.ultramem.query_conv_kernel > 0 with parallel.sequence_parallel: "
                           "the causal convolution would need the previous rank's tokens")
@@ -471,11 +504,25 @@ def validate(config: RunConfig) -> None:
     if not 0.0 <= train.warmup_fraction < 1.0:
         raise ConfigError("train.warmup_fraction must be in [0, 1)")
     spans = parse_spans(model.memory_spans, model.num_layers)  # validated whatever the family
-    needs = {"ultramem": "ultramem", "pkm": "pkm"}.get(model.family)
+    needs = MEMORY_SECTIONS.get(model.family)
     if needs and getattr(model, needs) is None:
         raise ConfigError(f"model.family is {model.family!r} but the model.{needs} section is missing")
-    if model.family in ("ultramem", "pkm") and not spans:
-        raise ConfigError(f"model.family {model.family!r} needs model.memory_spans, e.g. '1:2'")
+    if needs and not spans:
+        raise ConfigError(f"model.family {model.family!r} needs model.memory_spans, e.g. '1:2' "
+                          f"('all' puts a memory in every block)")
+    try:
+        model.memory   # UltraMemV2's checks that need the number of memory layers
+    except MemoryConfigError as err:
+        raise ConfigError(f"model.{needs}: {err}") from None
+    if model.shares_tables and parallel.pipeline_model_parallel_size > 1:
+        raise ConfigError(f"parallel.pipeline_model_parallel_size > 1 with model.family "
+                          f"{model.family!r}: its memory layers share one value table, which "
+                          f"would have to live on every stage (not supported)")
+    if (model.shares_tables and parallel.recompute_granularity == "full"
+            and parallel.overlap_grad_reduce):
+        raise ConfigError(f"parallel.recompute_granularity=full with overlap_grad_reduce and "
+                          f"model.family {model.family!r}: each recomputed block would hand "
+                          f"megatron's gradient hook the shared value table again")
     if parallel.overlap_param_gather and not parallel.use_distributed_optimizer:
         raise ConfigError("parallel.overlap_param_gather needs parallel.use_distributed_optimizer "
                           "(only the distributed optimizer gathers parameters after its step)")
@@ -485,11 +532,11 @@ def validate(config: RunConfig) -> None:
                           "gradient reduce-scatter, as megatron-LM's arguments require)")
     _validate_pipeline_and_recompute(model, parallel, train)
     spans = model.active_spans()
-    if model.family == "ultramem":
+    if model.family in ("ultramem", "ultramem_v2", "memory_plus"):
         _validate_memory_parallel(model, parallel)
     elif parallel.memory_parallel_size > 1:
-        raise ConfigError(f"parallel.memory_parallel_size > 1 shards UltraMem value tables; "
-                          f"model.family is {model.family!r}")
+        raise ConfigError(f"parallel.memory_parallel_size > 1 shards UltraMem, UltraMemV2 and "
+                          f"Memory+ value tables; model.family is {model.family!r}")
     if parallel.expert_model_parallel_size > 1 and model.family != "moe":
         raise ConfigError(f"parallel.expert_model_parallel_size > 1 splits the MoE family's "
                           f"experts; model.family is {model.family!r} (UltraMem shards its "

@@ -51,13 +51,7 @@ class UltraMemConfig:
         _require(self.expansion >= 1 and root * root == self.expansion,
                  f"memory.expansion must be a perfect square (1, 4, 9, 16, ...), got {self.expansion}")
         _require(self.topk >= 1, f"memory.topk must be >= 1, got {self.topk}")
-        width = self.candidates_per_axis
-        _require(1 <= width <= self.keys_per_axis,
-                 f"memory.phase1_topk ({width}) must be in [1, sqrt(expansion)*num_keys = "
-                 f"{self.keys_per_axis}]")
-        _require(self.topk <= width * width,
-                 f"memory.topk ({self.topk}) must be <= phase1_topk^2 ({width * width}): "
-                 "phase 2 chooses among phase1_topk x phase1_topk candidates")
+        self._check_selection()
         _require(self.qk_norm in ("rmsnorm", "layernorm"),
                  f"memory.qk_norm must be 'rmsnorm' or 'layernorm', got {self.qk_norm!r}")
         _require(self.query_conv_kernel >= 0,
@@ -74,6 +68,15 @@ class UltraMemConfig:
                  "memory.value_lr_decay_fraction must be in (0, 1]")
         if self.value_dim is not None:
             self.check_value_dim(self.value_dim)
+
+    def _check_selection(self) -> None:
+        width = self.candidates_per_axis
+        _require(1 <= width <= self.keys_per_axis,
+                 f"memory.phase1_topk ({width}) must be in [1, keys per axis = "
+                 f"{self.keys_per_axis}]")
+        _require(self.topk <= width * width,
+                 f"memory.topk ({self.topk}) must be <= phase1_topk^2 ({width * width}): "
+                 "phase 2 chooses among phase1_topk x phase1_topk candidates")
 
     def check_value_dim(self, value_dim: int) -> None:
         _require(value_dim >= 1 and value_dim % self.num_cores == 0,
@@ -121,3 +124,109 @@ class PKMConfig:
     @property
     def num_values(self) -> int:
         return self.num_keys * self.num_keys
+
+
+@dataclass(frozen=True)
+class UltraMemV2Config(UltraMemConfig):
+    """UltraMemV2 (arXiv 2508.18756; ultramem-v2-spec.md section 1): UltraMem's retrieval with
+    one query per Tucker rank, PEER-style pre-values, the E groups summed before one value
+    projection, and one value table shared by every memory layer through a ring window.
+    Defaults are the paper's; `query_per_rank=False` and `init="official"` are the released
+    code's readings (docs/architecture.md, "UltraMemV2")."""
+
+    num_heads: int = 1
+    expansion: int = 1                 # E = e^2 key expansion
+    aux_loss_weight: float = 0.0       # the paper dropped the Tucker penalty
+    value_lr_start_mult: float = 1.0   # the paper's best: a constant 1x value LR
+    pre_value_dim: Optional[int] = None  # D_p (default value_dim); 0 = no pre-values
+    pre_value_activation: Literal["none", "gelu"] = "none"
+    query_per_rank: bool = True        # paper: rank k scores with q(row, k), q(col, k)
+    value_projection: Literal["single", "per_group"] = "single"  # sum the E groups, one W_v
+    share_ratio: float = 1.0           # rho: a layer's window is floor(sqrt(rho N_all))^2 rows
+    # L_mem, set from model.memory_spans (N_all = L_mem n^2); the checks that need it wait for it
+    memory_layers: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _require(self.memory_layers is None or self.memory_layers >= 1,
+                 "ultramem_v2.memory_layers must be >= 1")
+        _require(0.0 < self.share_ratio <= 1.0,
+                 f"ultramem_v2.share_ratio must be in (0, 1], got {self.share_ratio}")
+        _require(self.pre_value_dim is None or self.pre_value_dim >= 0,
+                 "ultramem_v2.pre_value_dim must be >= 0 (0 = no pre-values)")
+        _require(self.pre_value_activation in ("none", "gelu"),
+                 "ultramem_v2.pre_value_activation must be 'none' or 'gelu'")
+        _require(self.value_projection in ("single", "per_group"),
+                 "ultramem_v2.value_projection must be 'single' or 'per_group'")
+        super().__post_init__()
+
+    def _check_selection(self) -> None:
+        if self.memory_layers is not None:
+            _require(self.window_keys >= 1, "ultramem_v2.share_ratio leaves an empty window")
+            super()._check_selection()
+
+    @property
+    def table_rows(self) -> int:
+        """N_all: rows of the one table every memory layer reads (L_mem n^2)."""
+        if self.memory_layers is None:
+            raise MemoryConfigError("ultramem_v2.memory_layers is not set (model.memory sets it "
+                                    "from model.memory_spans)")
+        return self.memory_layers * self.num_keys * self.num_keys
+
+    @property
+    def window_keys(self) -> int:
+        """n' = floor(sqrt(rho N_all)): a layer's window is n'^2 rows of the table."""
+        return math.isqrt(int(self.share_ratio * self.table_rows + 1e-9))
+
+    @property
+    def num_values(self) -> int:
+        """N' = n'^2: rows one layer addresses (its window of the shared table)."""
+        return self.window_keys * self.window_keys
+
+    @property
+    def keys_per_axis(self) -> int:
+        """K = e n': row (and column) keys of one layer."""
+        return math.isqrt(self.expansion) * self.window_keys
+
+    def resolved_pre_value_dim(self, hidden_size: int) -> int:
+        dim = self.pre_value_dim
+        return self.resolved_value_dim(hidden_size) if dim is None else dim
+
+
+@dataclass(frozen=True)
+class MemoryPlusConfig:
+    """Memory+ (arXiv 2412.09764; ultramem-v2-spec.md section 2): product keys, softmax over the
+    top-k, one value table shared by every memory layer, output W_o (pooled * SiLU(W_s x))."""
+
+    num_keys: int              # n sub-keys per half; n^2 rows in the shared table
+    key_dim: int = 256         # full query width per head (two halves of key_dim / 2)
+    topk: int = 32
+    num_heads: int = 4
+    value_dim: Optional[int] = None   # D_v (default hidden_size)
+    qk_norm: Literal["both", "query", "none"] = "both"   # paper; "query": BD code, "none": Meta
+    query_bias: bool = False   # Meta's query MLP has a bias
+    value_lr_start_mult: float = 1.0
+    value_lr_decay_fraction: float = 1.0
+    kernel: Literal["auto", "torch", "triton"] = "auto"
+
+    def __post_init__(self) -> None:
+        _require(self.num_keys >= 1, f"memory_plus.num_keys must be >= 1, got {self.num_keys}")
+        _require(self.key_dim >= 2 and self.key_dim % 2 == 0,
+                 f"memory_plus.key_dim must be even (two halves), got {self.key_dim}")
+        _require(1 <= self.topk <= self.num_keys,
+                 f"memory_plus.topk ({self.topk}) must be in [1, num_keys = {self.num_keys}]")
+        _require(self.num_heads >= 1, "memory_plus.num_heads must be >= 1")
+        _require(self.qk_norm in ("both", "query", "none"),
+                 f"memory_plus.qk_norm must be 'both', 'query' or 'none', got {self.qk_norm!r}")
+        _require(self.value_dim is None or self.value_dim >= 1, "memory_plus.value_dim must be >= 1")
+        _require(self.value_lr_start_mult >= 1.0, "memory_plus.value_lr_start_mult must be >= 1")
+        _require(0.0 < self.value_lr_decay_fraction <= 1.0,
+                 "memory_plus.value_lr_decay_fraction must be in (0, 1]")
+        _require(self.kernel in ("auto", "torch", "triton"),
+                 f"memory_plus.kernel must be 'auto', 'torch' or 'triton', got {self.kernel!r}")
+
+    @property
+    def num_values(self) -> int:
+        return self.num_keys * self.num_keys
+
+    def resolved_value_dim(self, hidden_size: int) -> int:
+        return self.value_dim if self.value_dim is not None else hidden_size

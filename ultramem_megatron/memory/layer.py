@@ -13,13 +13,14 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
-from .config import UltraMemConfig
-from .init import init_ultramem
+from .config import UltraMemConfig, UltraMemV2Config
+from .init import init_ultramem, init_ultramem_v2, v2_table_stds
 from .retrieval import TokenSum, TuckerRetrieval
 from .selection import upcast
 from .usage import UsageTracker
 from .value_lr import mark_value_param
-from .values import ImplicitValueExpansion
+from .tables import MemoryTables
+from .values import ImplicitValueExpansion, Readout
 
 
 class CausalDepthwiseConv(nn.Module):
@@ -41,10 +42,37 @@ class CausalDepthwiseConv(nn.Module):
         return y.permute(2, 0, 1)
 
 
+def v2_readout(memory: UltraMemV2Config, hidden: int, layer_index: int) -> Readout:
+    """UltraMemV2's read of its items: the layer's ring window starts at row layer_index * n^2
+    of the shared table; pre-values; the E groups summed before one projection (or E of them)."""
+    return Readout(offset=layer_index * memory.num_keys ** 2,
+                   pre_value_dim=memory.resolved_pre_value_dim(hidden),
+                   pre_activation=memory.pre_value_activation,
+                   sum_groups=memory.value_projection == "single")
+
+
+def v2_tables(memory: UltraMemV2Config, config: TransformerConfig, seed: int, **slices
+              ) -> MemoryTables:
+    """The value and pre-value tables UltraMemV2's layers share, drawn from `seed`."""
+    hidden = config.hidden_size
+    stds = v2_table_stds(memory, hidden, config.ffn_hidden_size, config.num_layers, memory.init)
+    return MemoryTables.build(memory.table_rows, memory.resolved_value_dim(hidden),
+                              memory.resolved_pre_value_dim(hidden), stds, seed,
+                              config.params_dtype, **slices)
+
+
+def own_v2_tables(memory: UltraMemV2Config, config: TransformerConfig) -> MemoryTables:
+    """Tables for a layer built on its own (a model passes the shared ones), seeded by torch."""
+    return v2_tables(memory, config, int(torch.randint(0, 2 ** 40, ())))
+
+
 class UltraMemLayer(MegatronModule):
     """Block i's pre-FFN normed input [s, b, D] -> (memory output [s, b, D], Tucker aux loss).
 
     query (optional causal conv) -> TDQKR two-phase top-m -> implicit value expansion -> Linear.
+    With an UltraMemV2Config: one query per Tucker rank, items weighted by pre-values, read from
+    the layer_index-th ring window of `tables` (shared by the model's layers; a table of its own
+    when built alone), the E groups summed before one projection.
     The caller adds the output to the residual stream after block j (skip-layer) and the aux loss
     to the training loss, and calls refresh_rank1() once per optimizer step.
 
@@ -57,7 +85,8 @@ class UltraMemLayer(MegatronModule):
     """
 
     def __init__(self, config: TransformerConfig, memory: UltraMemConfig,
-                 values: Optional[ModuleSpec] = None, token_sum: TokenSum = None):
+                 values: Optional[ModuleSpec] = None, token_sum: TokenSum = None,
+                 tables: Optional[MemoryTables] = None, layer_index: int = 0):
         super().__init__(config)
         hidden, dtype = config.hidden_size, config.params_dtype
         self.memory = memory
@@ -69,17 +98,25 @@ class UltraMemLayer(MegatronModule):
                 param.sequence_parallel = True
         value_args = (memory.num_values, memory.resolved_value_dim(hidden), memory.expansion,
                       hidden, memory.shuffle_seed, dtype)
-        self.values = (build_module(values, *value_args, kernel=memory.kernel)
-                       if values is not None
-                       else ImplicitValueExpansion(*value_args, kernel=memory.kernel))
+        value_kwargs = {"kernel": memory.kernel}
+        if isinstance(memory, UltraMemV2Config):  # layer_index-th window of the shared table
+            value_kwargs.update(tables=tables or own_v2_tables(memory, config),
+                                readout=v2_readout(memory, hidden, layer_index))
+        self.values = (build_module(values, *value_args, **value_kwargs) if values is not None
+                       else ImplicitValueExpansion(*value_args, **value_kwargs))
         mark_value_param(self.values.values)
         self.usage = UsageTracker(memory.num_values,
                                   (memory.num_heads, 2, memory.keys_per_axis))
         self.reset_parameters()
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        init_ultramem(self.retrieval, self.values, self.config.num_layers, self.memory.init,
-                      generator)
+        """This layer's parameters (a shared table is drawn by its MemoryTables)."""
+        if isinstance(self.memory, UltraMemV2Config):
+            init_ultramem_v2(self.retrieval, self.values, self.config.hidden_size,
+                             self.memory.init, generator)
+        else:
+            init_ultramem(self.retrieval, self.values, self.config.num_layers, self.memory.init,
+                          generator)
 
     def refresh_rank1(self) -> None:
         self.retrieval.refresh_rank1()
@@ -98,7 +135,8 @@ class UltraMemLayer(MegatronModule):
         query_input = self.query_conv(hidden) if self.query_conv is not None else hidden
         virtual_idx, core_scores = self.retrieval(query_input.reshape(seq * batch, width))
         self._count_usage(virtual_idx, core_scores)
-        pending = self.values.dispatch(virtual_idx, core_scores)  # -> [t, D]
+        pending = self.values.dispatch(virtual_idx, core_scores,
+                                       hidden.reshape(seq * batch, width))  # -> [t, D]
         aux_loss = self.retrieval.aux_loss()
         if self.config.sequence_parallel:
             # The aux loss depends on the cores alone, so every TP rank has its full gradient;
@@ -112,7 +150,7 @@ class UltraMemLayer(MegatronModule):
         if not self.training:
             return
         tokens, heads = virtual_idx.shape[0], self.memory.num_heads
-        self.usage.count_rows(self.values.locate(virtual_idx)[0])
+        self.usage.count_rows(self.values.window_position(virtual_idx))
         self.usage.count_keys(virtual_idx.view(tokens, heads, -1), self.memory.keys_per_axis)
         self.usage.add_top_score(core_scores.detach().sum(-1).view(tokens, heads, -1))
 

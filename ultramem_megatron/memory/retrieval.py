@@ -161,10 +161,13 @@ class TuckerRetrieval(nn.Module):
         self.cfg = cfg
         self.token_sum = token_sum  # query BatchNorm and key balance see every rank's tokens
         heads, n, k, r = cfg.num_heads, cfg.keys_per_axis, cfg.key_dim, cfg.tucker_rank
-        self.query_proj = nn.Linear(hidden_size, 2 * k, bias=False, dtype=dtype, device=device)
+        # One row / column query, or (UltraMemV2) one per Tucker rank.
+        self.query_ranks = r if getattr(cfg, "query_per_rank", False) else 1
+        width = 2 * self.query_ranks * k
+        self.query_proj = nn.Linear(hidden_size, width, bias=False, dtype=dtype, device=device)
         # Optional standardisation of the query channels over the tokens (no affine: a learnt
         # bias would bring back the shared component it removes); fp32 statistics.
-        self.query_bn = (nn.BatchNorm1d(2 * k, affine=False, device=device)
+        self.query_bn = (nn.BatchNorm1d(width, affine=False, device=device)
                          if cfg.query_batchnorm else None)
         self.query_norm = make_norm(cfg.qk_norm, k, dtype, device)  # shared by row and column
         self.key_norm = make_norm(cfg.qk_norm, k, dtype, device)
@@ -181,7 +184,8 @@ class TuckerRetrieval(nn.Module):
         """x [t, D] -> row and column scores [t, h, n, r] in fp32 (one query for all heads)."""
         centring = (partial(token_batch_normed, self.query_bn, token_sum=self.token_sum)
                     if self.query_bn is not None else None)
-        query = tucker_query(x, self.query_proj.weight, self.query_norm, centring)  # [t, 2, k]
+        query = tucker_query(x, self.query_proj.weight, self.query_norm, centring,
+                             self.query_ranks)  # [t, 2, k] or [t, 2, r, k]
         return tucker_key_scores(query, self.normed_keys())
 
     def normed_keys(self) -> torch.Tensor:

@@ -40,15 +40,19 @@ def normed(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def tucker_query(x: torch.Tensor, proj_weight: torch.Tensor, norm: nn.Module,
-                 centring: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """x [t, D] -> normed row / column query [t, 2, k] in fp32 (proj_weight [2k, D], no bias).
-    `centring` ([t, 2k] -> [t, 2k], e.g. batch_normed with a BatchNorm1d over the 2k channels)
-    standardises each channel over the tokens before the per-token norm, as PKM's BatchNorm."""
+                 centring: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 ranks: int = 1) -> torch.Tensor:
+    """x [t, D] -> normed row / column query [t, 2, k] in fp32 (proj_weight [2k, D], no bias),
+    or with `ranks` = r > 1 one query per Tucker rank (UltraMemV2): [t, 2, r, k] from
+    proj_weight [2rk, D], rows ordered (axis, rank, k). `centring` ([t, c] -> [t, c], e.g.
+    batch_normed with a BatchNorm1d over the c channels) standardises each channel over the
+    tokens before the per-token norm, as PKM's BatchNorm."""
     x = upcast(x)
-    query = F.linear(x, proj_weight.to(x.dtype))  # [t, 2k]
+    query = F.linear(x, proj_weight.to(x.dtype))  # [t, 2rk]
     if centring is not None:
         query = centring(query)
-    return normed(norm, query.unflatten(-1, (2, -1)))
+    shape = (2, -1) if ranks == 1 else (2, ranks, -1)
+    return normed(norm, query.unflatten(-1, shape))
 
 
 def tucker_keys(keys: torch.Tensor, norm: nn.Module) -> torch.Tensor:
@@ -57,11 +61,17 @@ def tucker_keys(keys: torch.Tensor, norm: nn.Module) -> torch.Tensor:
 
 
 def tucker_key_scores(query: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """query [t, 2, k] (normed row / column query); keys [h, 2, n, r, k] (normed over k)
-    -> row and column scores [t, h, n, r], in fp32 (or float64)."""
+    """query [t, 2, k] (normed row / column query), or [t, 2, r, k] (one per Tucker rank);
+    keys [h, 2, n, r, k] (normed over k) -> row and column scores [t, h, n, r], in fp32 (or
+    float64): S[t, h, a, i] = <query(axis, i), keys[h, axis, a, i]>."""
     query = upcast(query)
     keys = keys.to(query.dtype)
     tokens, heads, n, r, k = query.shape[0], keys.shape[0], keys.shape[2], keys.shape[3], keys.shape[4]
+    if query.dim() == 4:  # per rank: one [t, k] x [k, h*n] product per (axis, rank)
+        scores = [torch.stack([query[:, axis, i] @ keys[:, axis, :, i].reshape(heads * n, k).t()
+                               for i in range(r)], dim=-1).view(tokens, heads, n, r)
+                  for axis in (0, 1)]
+        return scores[0], scores[1]
     s_row = query[:, 0] @ keys[:, 0].reshape(heads * n * r, k).t()
     s_col = query[:, 1] @ keys[:, 1].reshape(heads * n * r, k).t()
     return s_row.view(tokens, heads, n, r), s_col.view(tokens, heads, n, r)

@@ -13,7 +13,7 @@ from ..config import ModelConfig, ParallelConfig
 from .capabilities import Capabilities, FusionChoice, choose_fusions
 from .chunks import memory_usage
 from .skip_memory import MemoryBus, SkipMemoryMLP
-from .specs import decoder_block_spec
+from .specs import decoder_block_spec, shared_tables
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig,
@@ -102,8 +102,10 @@ class MemoryGPT(GPTModel):
                  stage: Optional[megatron_compat.Stage] = None, init_seed: int = 0):
         stage = stage or megatron_compat.single_stage()
         self.memory_bus = MemoryBus()  # plain attribute, shared with the wrapped FFNs
+        # UltraMemV2 / Memory+: one table all memory layers register (the first saves it).
+        tables = shared_tables(model, parallel, config, (init_seed << 16) + 0xFFFF)
         spec = decoder_block_spec(model, parallel, config, self.memory_bus,
-                                  use_transformer_engine, stage, init_seed)
+                                  use_transformer_engine, stage, init_seed, tables)
         # The embedding is drawn first, the output layer after the last block (seeded by its
         # index): the same draws on whichever stage builds them.
         torch.default_generator.manual_seed(init_seed)

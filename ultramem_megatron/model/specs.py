@@ -1,4 +1,4 @@
-"""megatron-core ModuleSpecs for every model family: dense, MoE, PKM and UltraMem (skip-layer)."""
+"""megatron-core ModuleSpecs for every model family: dense, MoE and the memory families (skip-layer)."""
 
 import copy
 from typing import Optional
@@ -10,31 +10,60 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from .. import megatron_compat
 from ..config import ModelConfig, ParallelConfig
 from ..memory import ProductKeyMemory, UltraMemLayer
+from ..memory.layer import v2_tables
+from ..memory.memory_plus import MemoryPlusLayer, memory_plus_tables
+from ..memory.tables import MemoryTables
 from ..parallel.comm import token_sum_over
+from ..parallel.layout import MemoryParallelLayout
 from ..parallel.sharded_values import ShardedValueExpansion
 from .skip_memory import MemoryBus, SkipMemoryMLP, SkipMemorySubmodules
 
 
-def memory_spec(model: ModelConfig, parallel: ParallelConfig, config: TransformerConfig
-                ) -> ModuleSpec:
-    """UltraMem with its value table sharded by the parallel layout (one shard when there is no
-    TP or memory parallelism), or PKM (replicated)."""
-    if model.family == "ultramem":
-        values = ModuleSpec(module=ShardedValueExpansion, params={
-            "mode": parallel.memory_parallel_mode, "overlap": parallel.overlap_memory_comm,
-            "sequence_parallel": config.sequence_parallel})
-        token_sum = token_sum_over(
-            config.sequence_parallel and config.tensor_model_parallel_size > 1,
-            config.context_parallel_size > 1)
-        return ModuleSpec(module=UltraMemLayer, params={"memory": model.ultramem, "values": values,
-                                                        "token_sum": token_sum})
-    return ModuleSpec(module=ProductKeyMemory, params={"pkm": model.pkm})
+def shared_tables(model: ModelConfig, parallel: ParallelConfig, config: TransformerConfig,
+                  seed: int) -> Optional[MemoryTables]:
+    """The value (and pre-value) table every memory layer of an UltraMemV2 or Memory+ model
+    reads, this rank's slice of it, drawn from `seed` whatever the layout; None otherwise."""
+    if not model.shares_tables:
+        return None
+    memory = model.memory
+    layout = MemoryParallelLayout.from_parallel_state(parallel.memory_parallel_mode,
+                                                      config.sequence_parallel)
+    hidden = model.hidden_size
+    if model.family == "memory_plus":
+        slices = layout.table_slices(memory.num_values, memory.resolved_value_dim(hidden))
+        return memory_plus_tables(memory, config, seed, **slices)
+    slices = layout.table_slices(memory.table_rows, memory.resolved_value_dim(hidden),
+                                 memory.resolved_pre_value_dim(hidden))
+    return v2_tables(memory, config, seed, **slices)
+
+
+def memory_spec(model: ModelConfig, parallel: ParallelConfig, config: TransformerConfig,
+                tables: Optional[MemoryTables] = None, layer_index: int = 0) -> ModuleSpec:
+    """The family's memory layer (the layer_index-th of the model), its value table sharded by
+    the parallel layout (one shard when there is no TP or memory parallelism): UltraMem,
+    UltraMemV2 and Memory+ (the last two reading the model's shared `tables`), or PKM
+    (replicated)."""
+    if model.family == "pkm":
+        return ModuleSpec(module=ProductKeyMemory, params={"pkm": model.pkm})
+    values = ModuleSpec(module=ShardedValueExpansion, params={
+        "mode": parallel.memory_parallel_mode, "overlap": parallel.overlap_memory_comm,
+        "sequence_parallel": config.sequence_parallel})
+    shared = {"tables": tables, "layer_index": layer_index} if model.shares_tables else {}
+    if model.family == "memory_plus":
+        return ModuleSpec(module=MemoryPlusLayer, params={"memory": model.memory,
+                                                          "values": values, **shared})
+    token_sum = token_sum_over(
+        config.sequence_parallel and config.tensor_model_parallel_size > 1,
+        config.context_parallel_size > 1)
+    return ModuleSpec(module=UltraMemLayer, params={"memory": model.memory, "values": values,
+                                                    "token_sum": token_sum, **shared})
 
 
 def decoder_block_spec(model: ModelConfig, parallel: ParallelConfig, config: TransformerConfig,
                        bus: MemoryBus, use_te: bool = False,
                        stage: Optional[megatron_compat.Stage] = None,
-                       init_seed: int = 0) -> TransformerBlockSubmodules:
+                       init_seed: int = 0, tables: Optional[MemoryTables] = None
+                       ) -> TransformerBlockSubmodules:
     """megatron's own GPT block spec (local, or Transformer Engine; MoE layers when
     config.num_moe_experts is set) for the blocks of one model chunk (the whole model by
     default), each block seeded by its global index, with the FFN of each span's first and last
@@ -62,7 +91,8 @@ def decoder_block_spec(model: ModelConfig, parallel: ParallelConfig, config: Tra
                 module=SkipMemoryMLP,
                 submodules=SkipMemorySubmodules(
                     ffn=layer.submodules.mlp,
-                    memory=memory_spec(model, parallel, config) if index in starts else None),
+                    memory=(memory_spec(model, parallel, config, tables, starts[index])
+                            if index in starts else None)),
                 params={"bus": bus, "starts_span": starts.get(index), "ends_span": ends.get(index)})
         layer_specs.append(layer)
     return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=block.layer_norm)

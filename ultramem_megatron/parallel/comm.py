@@ -79,6 +79,12 @@ class _AllReduceSum(torch.autograd.Function):
         return grad, None
 
 
+def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum of x over `group` whose backward sums the ranks' gradients too: for a result each
+    rank uses in its own way (unlike megatron's reduce_from_tensor_model_parallel_region)."""
+    return _AllReduceSum.apply(x, group)
+
+
 def sum_over_sequence_parallel_ranks(x: torch.Tensor) -> torch.Tensor:
     """Sum of x over the TP group, whose ranks hold different tokens under sequence parallelism;
     the backward sums the ranks' gradients too (each rank's result feeds its own tokens), unlike

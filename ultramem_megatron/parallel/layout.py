@@ -13,7 +13,7 @@
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from ..memory.values import TableSlice
+from ..memory.tables import TableSlice
 
 Mode = Literal["value_dim", "row"]
 MODES = ("value_dim", "row")
@@ -77,3 +77,9 @@ class MemoryParallelLayout:
         cols = tp_cols // self.mp_size
         shard = self.tp_rank * self.mp_size + self.mp_rank
         return TableSlice(0, num_values, shard * cols, cols, self.tp_rank * tp_cols, tp_cols)
+
+    def table_slices(self, rows: int, value_dim: int, pre_value_dim: int = 0) -> dict:
+        """The value_slice / pre_slice keywords of MemoryTables.build for a shared table of
+        `rows` rows: both tables are cut as one value table would be."""
+        return {"value_slice": self.table_slice(rows, value_dim),
+                "pre_slice": self.table_slice(rows, pre_value_dim) if pre_value_dim else None}

@@ -15,7 +15,7 @@ group (columns or rows); the communication of one memory layer, and its checkpoi
 #   sizes are read to the host once per forward; no other host synchronisation in either mode.
 # The last all-to-all is left in flight until the span's last block asks for the output.
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -28,8 +28,9 @@ from megatron.core.tensor_parallel import (copy_to_tensor_model_parallel_region,
                                            set_tensor_model_parallel_attributes)
 
 from ..memory.lookup import lookup_pool
-from ..memory.values import ImplicitValueExpansion
-from .comm import all_gather_first_dim, all_to_all_first_dim
+from ..memory.tables import MemoryTables
+from ..memory.values import ImplicitValueExpansion, Readout
+from .comm import all_gather_first_dim, all_reduce_sum, all_to_all_first_dim
 from .layout import MemoryParallelLayout, Mode
 
 
@@ -43,41 +44,56 @@ class ShardedValueExpansion(ImplicitValueExpansion):
     def __init__(self, num_values: int, value_dim: int, expansion: int, hidden_size: int,
                  shuffle_seed: int, dtype: torch.dtype = torch.float32,
                  device: torch.device | None = None, *, mode: Mode = "value_dim",
-                 sequence_parallel: bool = False, overlap: bool = True, kernel: str = "auto"):
+                 sequence_parallel: bool = False, overlap: bool = True, kernel: str = "auto",
+                 tables: Optional[MemoryTables] = None, readout: Readout = Readout()):
         layout = MemoryParallelLayout.from_parallel_state(mode, sequence_parallel)
+        if tables is not None and tables.value_slice != layout.table_slice(tables.rows, value_dim):
+            raise ValueError("the shared tables are not sliced for this rank's layout "
+                             "(build them with sharded_tables)")
         super().__init__(num_values, value_dim, expansion, hidden_size, shuffle_seed, dtype,
                          device, table_slice=layout.table_slice(num_values, value_dim),
-                         kernel=kernel)
+                         kernel=kernel, tables=tables, readout=readout)
         self.layout, self.overlap = layout, overlap
-        self.values.allreduce = False
-        # Every TP rank's slice is distinct (so each counts in the gradient norm): the values and
-        # the projection are split along their D_v axis over TP.
-        set_tensor_model_parallel_attributes(self.values, True, 1, 1)
+        # Every TP rank's slice is distinct (so each counts in the gradient norm): the tables
+        # and the projections are split along their D_v (D_p) axis over TP. The tables are
+        # expert-style parameters: DDP reduces them over the ranks holding the same shard.
+        for table in (self.values, self.pre_values):
+            if table is not None and not hasattr(table, "tensor_model_parallel"):  # shared: once
+                table.allreduce = False
+                set_tensor_model_parallel_attributes(table, True, 1, 1)
         set_tensor_model_parallel_attributes(self.out_proj.weight, True, 2, 1)
+        for proj in (self.pre_proj, self.gate_proj):
+            if proj is not None:
+                set_tensor_model_parallel_attributes(proj.weight, True, 0, 1)
 
     # ------------------------------------------------------------------------------ forward
 
-    def dispatch(self, virtual_idx: torch.Tensor, scores: torch.Tensor
-                 ) -> Callable[[], torch.Tensor]:
-        """virtual_idx [t, k]; per-core scores [t, k, c] -> a function returning [t, D]."""
+    def dispatch(self, virtual_idx: torch.Tensor, scores: torch.Tensor,
+                 hidden: Optional[torch.Tensor] = None) -> Callable[[], torch.Tensor]:
+        """virtual_idx [t, k]; per-core scores [t, k, c]; the layer input hidden [t, D] (read by
+        pre-values and the gate) -> a function returning [t, D]."""
         layout = self.layout
         rows, groups = self.locate(virtual_idx)
         address = torch.stack([rows, groups], dim=-1)  # [t, k, 2]
+        needs_hidden = self.pre_proj is not None or self.gate_proj is not None
         if layout.sequence_parallel:
             # Every TP rank pools its columns for the whole sequence; the scores' gradient is a
             # sum over the TP ranks' columns, reduce-scattered back to the tokens' owners.
             address = gather_from_sequence_parallel_region(address)    # [T, k, 2]
             scores = gather_from_sequence_parallel_region(scores)      # [T, k, c]
+            hidden = gather_from_sequence_parallel_region(hidden) if needs_hidden else None
         elif layout.tp_size > 1:
             scores = copy_to_tensor_model_parallel_region(scores)      # backward: sum over TP
+            hidden = copy_to_tensor_model_parallel_region(hidden) if needs_hidden else None
+        pre = self.pre_query(hidden)  # [T, p]: this TP rank's columns of W_pre x (or None)
         pending = [] if self.overlap else None
         dispatch_mp = self._dispatch_rows if layout.mode == "row" else self._dispatch_columns
-        finish_pooling = dispatch_mp(address, scores, pending)
+        finish_pooling = dispatch_mp(address, scores, pre, pending)
 
         def combine() -> torch.Tensor:
             for work in pending or ():
                 work.wait()
-            partial = self.out_proj(finish_pooling())  # [T, D], from this TP rank's columns
+            partial = self.project(finish_pooling(), hidden)  # [T, D], this TP rank's columns
             if layout.sequence_parallel:
                 return reduce_scatter_to_sequence_parallel_region(partial)  # [t, D]
             if layout.tp_size > 1:
@@ -96,27 +112,53 @@ class ShardedValueExpansion(ImplicitValueExpansion):
         return self.pool_fn()(self.values, rows, bags, scores, num_bags, part.col_start,
                               self.value_dim)
 
-    def _dispatch_columns(self, address: torch.Tensor, scores: torch.Tensor, pending
-                          ) -> Callable[[], torch.Tensor]:
-        """value_dim mode: gather every MP rank's items, pool our columns, send each its tokens'."""
+    def _pre_dot_sum(self, with_mp: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The sum of the pre-value dot products' partial sums over the ranks holding the other
+        D_p columns (TP, and MP in value_dim mode); its backward sums too (each rank's result
+        weights its own columns)."""
+        groups = ([parallel_state.get_tensor_model_parallel_group()]
+                  if self.layout.tp_size > 1 else [])
+        if with_mp and self.layout.mp_size > 1:
+            groups.append(parallel_state.get_expert_model_parallel_group())
+
+        def total(x: torch.Tensor) -> torch.Tensor:
+            for group in groups:
+                x = all_reduce_sum(x, group)
+            return x
+
+        return total
+
+    def _dispatch_columns(self, address: torch.Tensor, scores: torch.Tensor,
+                          pre: Optional[torch.Tensor], pending) -> Callable[[], torch.Tensor]:
+        """value_dim mode: gather every MP rank's items, pool our columns, send each its tokens'.
+        Pre-values: each rank dots its D_p columns; the partial sums are added over TP x MP."""
         size, group = self.layout.mp_size, parallel_state.get_expert_model_parallel_group()
         if size > 1:
             address = all_gather_first_dim(address, group)  # [P*T, k, 2]
             scores = all_gather_first_dim(scores, group)    # [P*T, k, c]
+            pre = all_gather_first_dim(pre, group) if pre is not None else None  # [P*T, p]
+        if pre is not None:
+            cols = self.pre_slice
+            start = cols.col_start - cols.proj_col_start
+            scores = self.pre_weighted(scores, address[..., 0],
+                                       pre[:, start:start + cols.cols].unsqueeze(1),
+                                       self._pre_dot_sum(with_mp=True))
         part = self.table_slice
         pooled = lookup_pool(self.values, address[..., 0], address[..., 1], scores,
-                             self.expansion, part.col_start, self.value_dim,
+                             self.pooled_groups, part.col_start, self.value_dim,
                              pool=self.pool_fn())  # [P*T, e, w]
         if size == 1:
             return lambda: pooled
         received = all_to_all_first_dim(pooled, group, pending=pending)  # block j: rank j's cols
-        tokens, width = pooled.shape[0] // size, pooled.shape[-1]
-        return lambda: (received.view(size, tokens, self.expansion, width)
-                        .permute(1, 2, 0, 3).reshape(tokens, self.expansion, size * width))
+        tokens, width, groups = pooled.shape[0] // size, pooled.shape[-1], self.pooled_groups
+        return lambda: (received.view(size, tokens, groups, width)
+                        .permute(1, 2, 0, 3).reshape(tokens, groups, size * width))
 
-    def _dispatch_rows(self, address: torch.Tensor, scores: torch.Tensor, pending
-                       ) -> Callable[[], torch.Tensor]:
+    def _dispatch_rows(self, address: torch.Tensor, scores: torch.Tensor,
+                       pre: Optional[torch.Tensor], pending) -> Callable[[], torch.Tensor]:
         """row mode: send items to their rows' owners, get back one partial sum per bag.
+        Pre-values: each item travels with its token's W_pre x columns; the owner dots them with
+        its rows (partial sums added over TP).
 
         all_to_all_single needs its split sizes on the host, so this mode makes exactly one
         device->host copy per forward: the item and bag counts, sent and received, in one tensor
@@ -125,18 +167,24 @@ class ShardedValueExpansion(ImplicitValueExpansion):
         """
         size, group = self.layout.mp_size, parallel_state.get_expert_model_parallel_group()
         tokens, items, cores = scores.shape
-        num_bags, width = tokens * self.expansion, self.values.shape[1]
+        width = self.values.shape[1]
         rows = address[..., 0].reshape(-1)                                       # [T*k]
-        bags = (torch.arange(tokens, device=rows.device).unsqueeze(-1) * self.expansion
-                + address[..., 1]).reshape(-1)                                   # [T*k]
         item_scores = scores.reshape(-1, cores)                                  # [T*k, c]
+        item_pre = pre.repeat_interleave(items, dim=0) if pre is not None else None  # [T*k, p]
+        num_bags = tokens * self.pooled_groups
+        bags = (torch.arange(tokens, device=rows.device).unsqueeze(-1) * self.pooled_groups
+                + address[..., 1]).reshape(-1)                                   # [T*k]
         if size == 1:
+            if item_pre is not None:
+                item_scores = self.pre_weighted(item_scores, rows, item_pre,
+                                                self._pre_dot_sum(with_mp=False))
             pooled = self._pool_local(rows, bags, item_scores, num_bags)
-            return lambda: pooled.view(tokens, self.expansion, width)
+            return lambda: pooled.view(tokens, self.pooled_groups, width)
 
         rows_per_rank = self.values.shape[0]
         sorted_key, order = ((rows // rows_per_rank) * num_bags + bags).sort(stable=True)
         rows, bags, item_scores = rows[order], bags[order], item_scores[order]  # by (owner, bag)
+        item_pre = item_pre[order] if item_pre is not None else None
         owner = rows // rows_per_rank
         new_bag = torch.ones_like(sorted_key, dtype=torch.bool)
         new_bag[1:] = sorted_key[1:] != sorted_key[:-1]
@@ -155,6 +203,10 @@ class ShardedValueExpansion(ImplicitValueExpansion):
 
         local_in = all_to_all_first_dim(local, group, items_in, items_out)          # [i', 2]
         scores_in = all_to_all_first_dim(item_scores, group, items_in, items_out)   # [i', c]
+        if item_pre is not None:
+            pre_in = all_to_all_first_dim(item_pre, group, items_in, items_out)     # [i', p]
+            scores_in = self.pre_weighted(scores_in, local_in[:, 0], pre_in,
+                                          self._pre_dot_sum(with_mp=False))
         sender = torch.repeat_interleave(torch.arange(size, device=rows.device),
                                           counts_from[:, 0], output_size=sum(items_in))
         first_bag_of_sender = counts_from[:, 1].cumsum(0) - counts_from[:, 1]
@@ -163,30 +215,45 @@ class ShardedValueExpansion(ImplicitValueExpansion):
         returned = all_to_all_first_dim(partial, group, bags_out, bags_in, pending)  # [u, w]
         target = bags.new_zeros(sum(bags_out)).scatter_(0, item_bag, bags)  # bag of each u
         return lambda: (returned.new_zeros(num_bags, width).index_add(0, target, returned)
-                        .view(tokens, self.expansion, width))
+                        .view(tokens, self.pooled_groups, width))
 
     # --------------------------------------------------------------------------- checkpoint
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
                            metadata: dict | None = None) -> dict:
-        """Global [N, D_v] values and [D, E, D_v] projection with this rank's offsets, so a
-        checkpoint loads at any (TP, P, mode); the permutation is replicated."""
+        """Global [N, D_v] values (and [N, D_p] pre-values), [D, E, D_v] projection (and the
+        [D_p, D] / [D_v, D] pre-value and gate projections) with this rank's offsets, so a
+        checkpoint loads at any (TP, P, mode); the permutation is replicated. Shared tables are
+        saved by the module that owns them (the first memory layer) only."""
         layout, prepend = self.layout, len(sharded_offsets)
         if layout.mode == "row":
-            value_axes = [(prepend, layout.mp_rank, layout.mp_size),
+            table_axes = [(prepend, layout.mp_rank, layout.mp_size),
                           (prepend + 1, layout.tp_rank, layout.tp_size)]
         else:
-            value_axes = [(prepend + 1, layout.tp_rank * layout.mp_size + layout.mp_rank,
+            table_axes = [(prepend + 1, layout.tp_rank * layout.mp_size + layout.mp_rank,
                            layout.tp_size * layout.mp_size)]
-        return {
-            f"{prefix}values": ShardedTensor.from_rank_offsets(
-                f"{prefix}values", self.values, *sharded_offsets, *value_axes,
-                replica_id=(0, 0, layout.expert_dp_rank), prepend_axis_num=prepend),
-            f"{prefix}out_proj.weight": ShardedTensor.from_rank_offsets(
-                f"{prefix}out_proj.weight", self.out_proj.weight, *sharded_offsets,
-                (prepend + 2, layout.tp_rank, layout.tp_size),
-                replica_id=(0, 0, layout.dp_rank), prepend_axis_num=prepend),
-            f"{prefix}virtual_to_slot": ShardedTensor.from_rank_offsets(
-                f"{prefix}virtual_to_slot", self.virtual_to_slot, *sharded_offsets,
-                replica_id=(0, layout.tp_rank, layout.dp_rank), prepend_axis_num=prepend),
-        }
+
+        def sharded(name: str, tensor: torch.Tensor, axes: list, replica_id: tuple):
+            return ShardedTensor.from_rank_offsets(f"{prefix}{name}", tensor, *sharded_offsets,
+                                                   *axes, replica_id=replica_id,
+                                                   prepend_axis_num=prepend)
+
+        dense_tp = (0, 0, layout.dp_rank)
+        state = {"out_proj.weight": sharded("out_proj.weight", self.out_proj.weight,
+                                            [(prepend + 2, layout.tp_rank, layout.tp_size)],
+                                            dense_tp)}
+        if self.owns_tables:
+            state["values"] = sharded("values", self.values, table_axes,
+                                      (0, 0, layout.expert_dp_rank))
+            if self.pre_values is not None:
+                state["pre_values"] = sharded("pre_values", self.pre_values, table_axes,
+                                              (0, 0, layout.expert_dp_rank))
+        for name, proj in (("pre_proj", self.pre_proj), ("gate_proj", self.gate_proj)):
+            if proj is not None:
+                state[f"{name}.weight"] = sharded(f"{name}.weight", proj.weight,
+                                                  [(prepend, layout.tp_rank, layout.tp_size)],
+                                                  dense_tp)
+        if self.virtual_to_slot is not None:
+            state["virtual_to_slot"] = sharded("virtual_to_slot", self.virtual_to_slot, [],
+                                               (0, layout.tp_rank, layout.dp_rank))
+        return {f"{prefix}{name}": value for name, value in state.items()}

@@ -45,9 +45,10 @@ def machine_capabilities(run: RunConfig) -> Capabilities:
     if impl == "transformer_engine" and not caps.transformer_engine:
         raise ConfigError("train.transformer_impl=transformer_engine, but Transformer Engine "
                           "does not import here (auto or local use megatron's local layers)")
-    if run.model.family == "ultramem":   # model.ultramem.kernel=triton where it cannot run
+    kernel = getattr(run.model.memory, "kernel", None)
+    if kernel is not None:   # model.<family>.kernel=triton where it cannot run
         try:
-            check_kernel_choice(run.model.ultramem.kernel, "cuda" if caps.cuda else "cpu")
+            check_kernel_choice(kernel, "cuda" if caps.cuda else "cpu")
         except ValueError as err:
             raise ConfigError(str(err)) from None
     caps = replace(caps, transformer_engine=False) if impl == "local" else caps
@@ -60,10 +61,12 @@ def machine_capabilities(run: RunConfig) -> Capabilities:
 
 
 def memory_kernels(run: RunConfig, caps: Capabilities) -> str:
-    """', Triton memory kernels' or ', torch memory ops' for an UltraMem model, else ''."""
-    if run.model.family != "ultramem":
+    """', Triton memory kernels' or ', torch memory ops' for a model whose memory has a kernel
+    choice (UltraMem, UltraMemV2, Memory+), else ''."""
+    kernel = getattr(run.model.memory, "kernel", None)
+    if kernel is None:
         return ""
-    triton = uses_triton(run.model.ultramem.kernel, "cuda" if caps.cuda else "cpu")
+    triton = uses_triton(kernel, "cuda" if caps.cuda else "cpu")
     return ", Triton memory kernels" if triton else ", torch memory ops"
 
 

@@ -131,10 +131,12 @@ def build_optimizer(run: RunConfig, model_chunks: list, dtype: torch.dtype):
 
 
 def value_lr_settings(run: RunConfig) -> tuple[float, float]:
-    """(start multiplier, decay fraction) of the value-LR schedule; (1, 1) without UltraMem."""
-    if run.model.family != "ultramem":
+    """(start multiplier, decay fraction) of the value-LR schedule of the family's value (and
+    pre-value) tables; (1, 1) for the families without one (dense, MoE, PKM)."""
+    memory = run.model.memory
+    if not hasattr(memory, "value_lr_start_mult"):
         return 1.0, 1.0
-    return run.model.ultramem.value_lr_start_mult, run.model.ultramem.value_lr_decay_fraction
+    return memory.value_lr_start_mult, memory.value_lr_decay_fraction
 
 
 def build_scheduler(run: RunConfig, optimizer) -> ValueLRScheduler:
