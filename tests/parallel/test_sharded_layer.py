@@ -1,4 +1,5 @@
-"""Sharded UltraMem layers under torchrun (gloo, 2 and 4 processes) equal the single-device layer:
+"""Sharded UltraMem, UltraMemV2 and Memory+ layers under torchrun (gloo, 2 and 4 processes) equal
+the single-device layer:
 outputs, input and parameter gradients within 1e-5, the same initial weights, and 1/(TP*P) of
 the value table per rank. The comparison runs inside layer_worker.py, once per layout."""
 

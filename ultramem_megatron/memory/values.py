@@ -23,6 +23,7 @@ from torch import nn
 
 from ..kernels.choice import pool_bags_for
 from .lookup import lookup_pool
+from .selection import upcast
 from .tables import MemoryTables, TableSlice
 
 
@@ -56,6 +57,14 @@ class ExpansionProjection(nn.Module):
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return F.linear(pooled.flatten(1), self.weight.flatten(1))
+
+
+class InitLaterLinear(nn.Linear):
+    """nn.Linear without its default init (which would draw a number of random values that
+    depends on the slice a rank holds): the layer's init rule fills the weight."""
+
+    def reset_parameters(self) -> None:
+        pass
 
 
 class ImplicitValueExpansion(nn.Module):
@@ -93,10 +102,11 @@ class ImplicitValueExpansion(nn.Module):
                                             dtype, device)
         self.pre_slice = tables.pre_slice if self.pre_values is not None else None
         self.pre_value_dim = tables.pre_value_dim if self.pre_values is not None else 0
-        self.pre_proj = (nn.Linear(hidden_size, self.pre_slice.proj_cols, bias=False, dtype=dtype,
-                                   device=device) if self.pre_slice is not None else None)
-        self.gate_proj = (nn.Linear(hidden_size, part.proj_cols, bias=False, dtype=dtype,
-                                    device=device) if readout.gate else None)
+        self.pre_proj = (InitLaterLinear(hidden_size, self.pre_slice.proj_cols, bias=False,
+                                         dtype=dtype, device=device)
+                         if self.pre_slice is not None else None)
+        self.gate_proj = (InitLaterLinear(hidden_size, part.proj_cols, bias=False, dtype=dtype,
+                                          device=device) if readout.gate else None)
         # virtual address -> slot; slot = group * N + row of the window.
         self.register_buffer("virtual_to_slot", torch.empty(expansion * num_values,
                                                             dtype=torch.int32, device=device)
@@ -127,10 +137,11 @@ class ImplicitValueExpansion(nn.Module):
         return rows, (groups * 0 if self.readout.sum_groups else groups)
 
     def pre_query(self, hidden: torch.Tensor) -> Optional[torch.Tensor]:
-        """hidden [t, D] -> W_pre x [t, p] in fp32 (None without pre-values)."""
+        """hidden [t, D] -> W_pre x [t, p] in fp32 (float64 stays; None without pre-values)."""
         if self.pre_proj is None:
             return None
-        return F.linear(hidden.float(), self.pre_proj.weight.float())
+        hidden = upcast(hidden)
+        return F.linear(hidden, self.pre_proj.weight.to(hidden.dtype))
 
     def pre_weighted(self, scores: torch.Tensor, rows: torch.Tensor, pre: torch.Tensor,
                      reduce: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
@@ -138,7 +149,7 @@ class ImplicitValueExpansion(nn.Module):
         """scores [..., c] times act(a) with a = <P[rows], pre> [...]: rows [...] index the
         pre-values held here, pre [..., p] the matching columns of W_pre x; `reduce` sums the
         partial dot products over the ranks holding the other columns."""
-        dot = reduce((self.pre_values[rows].float() * pre.float()).sum(-1))
+        dot = reduce((upcast(self.pre_values[rows]) * upcast(pre)).sum(-1))  # fp32 or float64
         if self.readout.pre_activation == "gelu":
             dot = F.gelu(dot)
         return scores * dot.unsqueeze(-1).to(scores.dtype)

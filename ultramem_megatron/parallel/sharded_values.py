@@ -50,9 +50,10 @@ class ShardedValueExpansion(ImplicitValueExpansion):
         if tables is not None and tables.value_slice != layout.table_slice(tables.rows, value_dim):
             raise ValueError("the shared tables are not sliced for this rank's layout "
                              "(build them with sharded_tables)")
+        own_slice = layout.table_slice(num_values, value_dim) if tables is None else None
         super().__init__(num_values, value_dim, expansion, hidden_size, shuffle_seed, dtype,
-                         device, table_slice=layout.table_slice(num_values, value_dim),
-                         kernel=kernel, tables=tables, readout=readout)
+                         device, table_slice=own_slice, kernel=kernel, tables=tables,
+                         readout=readout)
         self.layout, self.overlap = layout, overlap
         # Every TP rank's slice is distinct (so each counts in the gradient norm): the tables
         # and the projections are split along their D_v (D_p) axis over TP. The tables are
