@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import transformer_config
+from tests.memory.brute_force import assert_layer_matches
 from ultramem_megatron.config import ConfigError, ModelConfig, RunConfig, validate
 from ultramem_megatron.memory import MemoryConfigError, UltraMemLayer, is_value_param
 from ultramem_megatron.memory.config import UltraMemV2Config
@@ -91,18 +92,7 @@ def brute_force(layer: UltraMemLayer, x: torch.Tensor) -> torch.Tensor:
 ], ids=["paper", "code-query", "gelu-per-group", "no-pre-values"])
 def test_layer_equals_brute_force_with_gradients(overrides):
     layer = build(v2_config(**overrides))
-    x = torch.randn(TOKENS, HIDDEN, dtype=torch.float64)
-    out, aux = layer(x.view(TOKENS, 1, HIDDEN))
-    probe = torch.randn(TOKENS, HIDDEN, dtype=torch.float64)
-    (out.view(TOKENS, HIDDEN) * probe).sum().backward()
-    got = {name: p.grad.clone() for name, p in layer.named_parameters()}
-    layer.zero_grad()
-    want = brute_force(layer, x)
-    torch.testing.assert_close(out.view(TOKENS, HIDDEN), want, rtol=1e-10, atol=1e-10)
-    (want * probe).sum().backward()
-    for name, param in layer.named_parameters():
-        assert param.grad is not None and got[name] is not None, name
-        torch.testing.assert_close(got[name], param.grad, rtol=1e-9, atol=1e-10, msg=name)
+    aux = assert_layer_matches(layer, brute_force, TOKENS, HIDDEN)
     assert aux == 0   # the paper's V2 has no Tucker penalty
 
 
