@@ -8,12 +8,18 @@
 # With a paper model (--paper NAME, or the recipe's file name in PAPER_RECIPES) --check also
 # compares the non-embedding parameters and the paper-convention FLOPs (2 x non-embedding
 # activated) with the UltraMem v1 paper's Table 1 (../shared/docs/ultramem-spec.md section 5).
-# Exit status 1 when a check disagrees (built counts differ, or a paper count is off by > 1 %).
+# The families no paper reports at a recipe's size (UltraMemV2 and Memory+ at 151M) are matched to
+# other recipes instead: with --match RECIPE (or the recipe's file name in MATCHED_RECIPES) --check
+# compares the non-embedding parameters, the paper-convention FLOPs and the forward FLOPs per
+# token with those of configs/RECIPE, computed by the same formulas.
+# Exit status 1 when a check disagrees (built counts differ, a paper count is off by > 1 %, or a
+# matched count by > 2 %).
 
 import argparse
 import os
 import sys
 import warnings
+from pathlib import Path
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 warnings.filterwarnings("ignore", message="Apex is not installed")
@@ -38,6 +44,15 @@ PAPER_RECIPES = {  # recipe file name -> its paper model
 }
 PAPER_TOLERANCE = 0.01  # relative
 
+# Recipes no paper has numbers for, matched to the activated compute and total parameters of
+# the recipes that have them: recipe file name -> its references in configs/.
+MATCHED_RECIPES = {
+    "ultramem_v2_151m.yaml": ("ultramem_151m.yaml", "moe_151m.yaml"),
+    "memory_plus_151m.yaml": ("ultramem_151m.yaml", "moe_151m.yaml"),
+}
+MATCHED_TOLERANCE = 0.02  # relative
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
@@ -51,21 +66,49 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--paper", choices=sorted(PAPER),
                    help="with --check, compare with this paper model's Table 1 counts (default: "
                         "the recipe's, for the files in PAPER_RECIPES)")
+    p.add_argument("--match", action="append", metavar="RECIPE",
+                   help="with --check, compare with the activated compute and parameters of "
+                        "configs/RECIPE (repeatable; default: the recipe's references in "
+                        "MATCHED_RECIPES)")
     return p.parse_args(argv)
 
 
 def paper_check(name: str, stats) -> bool:
     """Non-embedding params and 2 x non-embedding activated vs the paper's Table 1, within 1 %."""
-    ok = True
     print(f"\npaper check: {name} (UltraMem v1 Table 1, embeddings excluded, tolerance "
           f"{PAPER_TOLERANCE:.0%})")
-    for label, ours, theirs in (("params", stats.non_embedding_params, PAPER[name][0]),
-                                ("GFLOPs (2 x activated)", stats.paper_flops, PAPER[name][1])):
+    ok = compare((("params", stats.non_embedding_params, PAPER[name][0]),
+                  ("GFLOPs (2 x activated)", stats.paper_flops, PAPER[name][1])),
+                 PAPER_TOLERANCE, "paper", "  ")
+    print("  OK" if ok else "  MISMATCH")
+    return ok
+
+
+def compare(rows, tolerance: float, source: str, indent: str) -> bool:
+    """Print (label, ours, theirs) rows with the relative difference; True if all are within."""
+    ok = True
+    for label, ours, theirs in rows:
         off = ours / theirs - 1
-        good = abs(off) <= PAPER_TOLERANCE
+        good = abs(off) <= tolerance
         ok = ok and good
-        print(f"  {label:<24} ours {fmt(ours):>10}  paper {fmt(theirs):>10}  {off:+.2%}"
-              f"  {'ok' if good else 'OFF'}")
+        print(f"{indent}{label:<24} ours {fmt(ours):>10}  {source} {fmt(theirs):>10}  "
+              f"{off:+.2%}  {'ok' if good else 'OFF'}")
+    return ok
+
+
+def matched_check(references, stats) -> bool:
+    """Non-embedding params, 2 x non-embedding activated and forward FLOPs per token vs each
+    reference recipe's (the same formulas), within MATCHED_TOLERANCE."""
+    ok = True
+    print(f"\nmatched-compute check (no paper numbers for this model; tolerance "
+          f"{MATCHED_TOLERANCE:.0%})")
+    for name in references:
+        ref = model_stats(load_config(CONFIGS / name).model)
+        print(f"  vs {name}")
+        ok = compare((("params", stats.non_embedding_params, ref.non_embedding_params),
+                      ("GFLOPs (2 x activated)", stats.paper_flops, ref.paper_flops),
+                      ("forward FLOPs/token", stats.forward_flops, ref.forward_flops)),
+                     MATCHED_TOLERANCE, "recipe", "    ") and ok
     print("  OK" if ok else "  MISMATCH")
     return ok
 
@@ -145,6 +188,9 @@ def main(argv=None) -> int:
         paper = args.paper or PAPER_RECIPES.get(os.path.basename(args.config))
         if paper:
             ok = paper_check(paper, stats) and ok
+        references = args.match or MATCHED_RECIPES.get(os.path.basename(args.config))
+        if references:
+            ok = matched_check(references, stats) and ok
         if not ok:
             return 1
     return 0

@@ -1,8 +1,10 @@
 """ultramem_megatron/model/stats.py against the models build_model really builds.
 
-* total params: exactly sum(p.numel()) of the built model, for every family and option;
+* total params: exactly sum(p.numel()) of the built model, for every family and option (the
+  table UltraMemV2's and Memory+'s layers share counted once, as named_parameters() does);
 * activated params: total minus what one token provably does not read, computed from the built
-  modules' shapes (value rows beyond H*m, experts beyond top-k, embedding rows beyond one);
+  modules' shapes (value and pre-value rows beyond H*m per layer, experts beyond top-k,
+  embedding rows beyond one);
 * forward FLOPs: exactly what torch's FlopCounterMode counts on one real CPU forward pass,
   with embedding_bag (the value pooling, which FlopCounterMode does not know) counted by a
   formula registered here. Nothing is left over: attention is counted over the full seq x seq
@@ -26,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ultramem_megatron import megatron_compat
 from ultramem_megatron.config import load_config
 from ultramem_megatron.memory import ProductKeyMemory, UltraMemLayer
+from ultramem_megatron.memory.memory_plus import MemoryPlusLayer
 from ultramem_megatron.model import build_model
 from ultramem_megatron.model.stats import built_param_counts, model_stats
 
@@ -55,6 +58,29 @@ CASES = {
         "model.ultramem={num_keys: 5, key_dim: 12, topk: 6, phase1_topk: 9, value_dim: 20, "
         "num_heads: 1, expansion: 9, tucker_rank: 3, num_cores: 4, qk_norm: layernorm, "
         "query_conv_kernel: 3}"],
+    # UltraMemV2 defaults: a memory in every block, pre-values D_p = D_v, one query per rank,
+    # the groups summed before one projection, no sharing restriction (rho = 1)
+    "ultramem_v2": ["model.family=ultramem_v2", "model.memory_spans=all",
+                    "model.ultramem_v2={num_keys: 4, key_dim: 8, topk: 5}"],
+    "ultramem_v2_no_pre_per_group_one_query": [  # E = 4, rho = 1/2 of 2 layers' rows
+        "model.family=ultramem_v2", "model.memory_spans=0:1/2:3",
+        "model.ultramem_v2={num_keys: 5, key_dim: 8, topk: 6, pre_value_dim: 0, expansion: 4, "
+        "value_projection: per_group, query_per_rank: false, share_ratio: 0.5}"],
+    "ultramem_v2_all_options": [  # rho < 1, r = 3, h = 4, H = 2, D_p != D_v, conv, BatchNorm
+        "model.family=ultramem_v2", "model.memory_spans=0:0/1:2/3:3", *EXOTIC,
+        "model.ultramem_v2={num_keys: 4, key_dim: 12, topk: 6, phase1_topk: 7, value_dim: 20, "
+        "pre_value_dim: 12, pre_value_activation: gelu, num_heads: 2, expansion: 4, "
+        "tucker_rank: 3, num_cores: 4, share_ratio: 0.5, qk_norm: layernorm, "
+        "query_batchnorm: true, query_conv_kernel: 3}"],
+    "memory_plus": ["model.family=memory_plus", "model.memory_spans=1:1/3:3",
+                    "model.memory_plus={num_keys: 8, key_dim: 16, topk: 4, num_heads: 2}"],
+    "memory_plus_query_norm_bias": [  # BD's query-only norm, Meta's query bias, D_v != D
+        "model.family=memory_plus", "model.memory_spans=0:2", *EXOTIC,
+        "model.memory_plus={num_keys: 6, key_dim: 12, topk: 3, num_heads: 3, value_dim: 48, "
+        "qk_norm: query, query_bias: true}"],
+    "memory_plus_no_norm_every_block": [
+        "model.family=memory_plus", "model.memory_spans=all",
+        "model.memory_plus={num_keys: 5, key_dim: 8, topk: 5, num_heads: 1, qk_norm: none}"],
 }
 
 # The paper's Table 1 parameter counts and FLOPs (arXiv v1), and their recipes here.
@@ -102,12 +128,14 @@ def test_activated_params_from_built_shapes(name):
 
     cfg = config(name).model
     model = built(name)
-    unread = 0
+    unread, tables = 0, {}   # id -> numel: a table shared by several layers is there once
     for module in model.modules():
-        if isinstance(module, UltraMemLayer):
-            rows, width = module.values.values.shape
-            heads = module.retrieval.keys.shape[0]
-            unread += (rows - heads * module.memory.topk) * width
+        if isinstance(module, (UltraMemLayer, MemoryPlusLayer)):
+            keys = module.retrieval.keys if isinstance(module, UltraMemLayer) else module.keys
+            for table in (module.values.values, module.values.pre_values):
+                if table is not None:
+                    tables[id(table)] = table.numel()
+                    unread -= keys.shape[0] * module.memory.topk * table.shape[1]
         elif isinstance(module, ProductKeyMemory):
             rows, width = module.values.shape
             heads = module.keys.shape[0]
@@ -116,6 +144,7 @@ def test_activated_params_from_built_shapes(name):
             experts = module.experts.local_experts
             per_expert = sum(p.numel() for p in experts[0].parameters())
             unread += (len(experts) - module.router.topk) * per_expert
+    unread += sum(tables.values())
     for table in (model.embedding.word_embeddings, getattr(model.embedding, "position_embeddings", None)):
         if table is not None:
             unread += (table.weight.shape[0] - 1) * table.weight.shape[1]
@@ -150,11 +179,14 @@ def test_forward_flops_match_flop_counter(name, labels):
         torch.backends.opt_einsum.enabled = opt_einsum
     stats = model_stats(cfg)
     assert matmul.get_total_flops() == batch * seq * stats.matmul_flops
-    # Uncounted by either counter: UltraMem's rank-1 filter, elementwise over the Tucker rank.
-    mem, spans = cfg.ultramem, len(cfg.active_spans())
-    rank1_filter = (2 * 2 * mem.num_heads * mem.keys_per_axis * mem.tucker_rank * spans
-                    if cfg.family == "ultramem" else 0)
-    assert everything.get_total_flops() == batch * seq * (stats.forward_flops - rank1_filter)
+    # Uncounted by either counter, elementwise: UltraMem's rank-1 filter over the Tucker rank,
+    # UltraMemV2's pre-value scores <P[row], W_pre x> over D_p.
+    mem, spans, elementwise = cfg.memory, len(cfg.active_spans()), 0
+    if cfg.family in ("ultramem", "ultramem_v2"):
+        pre = mem.resolved_pre_value_dim(cfg.hidden_size) if cfg.family == "ultramem_v2" else 0
+        elementwise = 2 * spans * mem.num_heads * (2 * mem.keys_per_axis * mem.tucker_rank
+                                                   + mem.topk * pre)
+    assert everything.get_total_flops() == batch * seq * (stats.forward_flops - elementwise)
     assert stats.flops_per_token == 3 * stats.forward_flops
 
 

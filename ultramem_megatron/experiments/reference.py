@@ -50,13 +50,13 @@ def ngram_usage_reference(tokens: torch.Tensor, num_rows: int, lookups: int, voc
 
 
 def memory_shape(model) -> tuple[int, int] | None:
-    """(value rows, rows read per token) of a model config's memory layer; None without one."""
-    if model.family == "ultramem":
-        memory = model.ultramem
-        return memory.num_values, memory.num_heads * memory.topk
-    if model.family == "pkm":
-        return model.pkm.num_values, model.pkm.num_heads * model.pkm.topk
-    return None
+    """(value rows, rows read per token) of a model config's memory layer; None without one.
+    The rows are those one layer addresses, which its usage metrics count: UltraMemV2's window
+    of the shared table, Memory+'s whole shared table."""
+    memory = model.memory   # the family's section; None for dense and MoE
+    if memory is None:
+        return None
+    return memory.num_values, memory.num_heads * memory.topk
 
 
 def run_reference(run, orders=(1, 2, 3)) -> dict[int, dict[str, float]] | None:

@@ -191,13 +191,15 @@ def collapse(seed: int = 1234, steps: int = 60) -> Suite:
 
 
 def gpu_151m(seeds=(1234,)) -> Suite:
-    """The paper's 151M recipes (configs/*_151m.yaml); for GPUs, not run on this CPU."""
+    """The 151M recipes (configs/*_151m.yaml); for GPUs, not run on this CPU."""
     runs = tuple(Run(f"{family}-151m-s{seed}", family, seed, f"configs/{family}_151m.yaml",
                      (f"train.seed={seed}",))
-                 for seed in seeds for family in ("dense", "moe", "ultramem"))
+                 for seed in seeds
+                 for family in ("dense", "moe", "ultramem", "ultramem_v2", "memory_plus"))
     return Suite("gpu-151m", runs,
-                 "Dense-151M, MoE-151M-2in32 and UltraMem-151M-x12 with the paper's recipes "
-                 "(configs/*_151m.yaml); needs GPUs.")
+                 "Dense-151M, MoE-151M-2in32 and UltraMem-151M-x12 with the paper's recipes, and "
+                 "UltraMemV2 and Memory+ on the same trunk at the activated compute and "
+                 "parameters of the last two (configs/*_151m.yaml); needs GPUs.")
 
 
 SUITES: dict[str, Callable[[], Suite]] = {

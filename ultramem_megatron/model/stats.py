@@ -1,19 +1,23 @@
-"""Analytic parameter counts and FLOPs per token for every model family (dense, MoE, PKM, UltraMem),
-exact for the model `build_model` builds (tests/model/test_stats.py checks them against it).
+"""Analytic parameter counts and FLOPs per token for every model family (dense, MoE, PKM, UltraMem,
+UltraMemV2, Memory+), exact for the model `build_model` builds (tests/model/test_stats.py checks
+them against it).
 
 Parameters
   total_params      sum(p.numel()) of the built model (world size 1): embeddings, learned position
                     table, every block (attention, norms, FFN / all experts + router), memory
                     layers (all value rows), final norm, output layer (embeddings are not tied).
-                    Buffers (UltraMem permutation and rank-1 filter, BatchNorm running stats) are
-                    not parameters.
+                    UltraMemV2's value and pre-value tables and Memory+'s value table are shared by
+                    every memory layer: counted once for the model. Buffers (UltraMem permutation
+                    and rank-1 filter, BatchNorm running stats) are not parameters.
   activated_params  parameters one token's forward pass reads: every dense weight (attention, norms,
                     the FFN, or the router plus the top-k experts), in each memory layer its query
-                    projection / conv / norms, the *whole* key table and the Tucker cores (each
-                    token scores against every key) and the output projection, plus the value rows
-                    it retrieves: H*m rows of D_v per UltraMem layer, heads*k rows of D per PKM
-                    layer (a row counted once per retrieval, so an upper bound when rows repeat);
-                    one embedding row (and one position row); the whole output layer.
+                    projection (and bias) / conv / norms, the *whole* key table and the Tucker cores
+                    (each token scores against every key), UltraMemV2's pre-value projection W_pre,
+                    the output projection and Memory+'s gate W_s, plus the value rows it retrieves:
+                    H*m rows of D_v per UltraMem layer (and H*m pre-value rows of D_p per UltraMemV2
+                    layer), heads*k rows of D per PKM layer and of D_v per Memory+ layer (a row
+                    counted once per retrieval, so an upper bound when rows repeat); one embedding
+                    row (and one position row); the whole output layer.
   embedding_params / activated_embedding_params: the embedding part of each of the two counts
                     (input embedding + learned positions + output layer / one row + one row +
                     output layer). The paper's counts exclude embeddings (Dense-151M is 12*D^2*L
@@ -28,15 +32,18 @@ FLOPs: forward FLOPs per token, 2 per multiply-accumulate.
                     seq_length square, as megatron's unfused DotProductAttention computes them
                     (the causal mask is applied after the product, so the masked half is counted;
                     a flash / fused kernel does about half of that), and in memory layers the
-                    query projection, the causal depthwise query conv, key scoring, the phase-2
-                    candidate grid and per-core re-scoring (UltraMem) or the sub-key scores (PKM).
+                    query projection, the causal depthwise query conv, key scoring (sqrt(E)n' keys
+                    per axis, x r for the Tucker families), the phase-2 candidate grid and per-core
+                    re-scoring (UltraMem, UltraMemV2) or the sub-key scores (PKM, Memory+),
+                    UltraMemV2's W_pre x, the output projection and Memory+'s gate W_s x.
   attention_flops   the attention-score part of matmul_flops (4 * seq * D per layer per token).
   other_flops       value pooling, an embedding_bag FlopCounterMode does not count: 2*H*m*D_v per
-                    UltraMem layer, 2*heads*k*D per PKM layer; and UltraMem's phase-1 rank-1
-                    filter, elementwise multiply-adds over the Tucker rank (selection.rank1_scores):
-                    2 * 2*H*sqrt(E)n*r per layer.
-  Not counted: norms, activations, softmax, top-k, embedding lookups, the loss, the key-table
-  norm (once per batch, not per token).
+                    UltraMem(V2) layer, 2*heads*k*D per PKM layer, 2*heads*k*D_v per Memory+
+                    layer; UltraMem's phase-1 rank-1 filter, elementwise multiply-adds over the
+                    Tucker rank (selection.rank1_scores): 2 * 2*H*sqrt(E)n*r per layer; and
+                    UltraMemV2's pre-value scores <P[row], W_pre x>, elementwise: 2*H*m*D_p.
+  Not counted: norms, activations (Memory+'s SiLU gate product included), softmax, top-k,
+  embedding lookups, the loss, the key-table norm (once per batch, not per token).
   flops_per_token   training FLOPs per token = 3 x forward (backward = 2 x forward).
   mfu_flops_per_token  model FLOPs per token for MFU: flops_per_token with the attention square
                     counted causally (half of attention_flops), as megatron-LM's
@@ -50,6 +57,7 @@ import math
 from dataclasses import dataclass
 
 from ..config import ModelConfig
+from ..memory.config import UltraMemV2Config
 
 
 @dataclass(frozen=True)
@@ -109,23 +117,30 @@ def _ffn_params(model: ModelConfig, width: int) -> int:
     return model.hidden_size * width * (3 if model.swiglu else 2)
 
 
-def _ultramem(model: ModelConfig) -> _Part:
-    """One UltraMemLayer (ultramem_megatron/memory/layer.py)."""
-    mem, hidden = model.ultramem, model.hidden_size
+def _tucker(model: ModelConfig) -> tuple[_Part, int]:
+    """One UltraMemLayer (ultramem_megatron/memory/layer.py), UltraMem's or UltraMemV2's, and the
+    parameters of the tables all layers share (UltraMemV2's value and pre-value tables; 0 for
+    UltraMem, whose table is the layer's own)."""
+    mem, hidden = model.memory, model.hidden_size   # UltraMemV2: memory_layers from the spans
+    v2 = isinstance(mem, UltraMemV2Config)
     heads, rank, cores = mem.num_heads, mem.tucker_rank, mem.num_cores
-    keys_per_axis, key_dim = mem.keys_per_axis, mem.key_dim
+    keys_per_axis, key_dim = mem.keys_per_axis, mem.key_dim          # UltraMemV2: e n'
     width, topk = mem.candidates_per_axis, mem.topk
     value_dim = mem.resolved_value_dim(hidden)
+    pre_dim = mem.resolved_pre_value_dim(hidden) if v2 else 0
+    query_ranks = rank if v2 and mem.query_per_rank else 1
+    groups = 1 if v2 and mem.value_projection == "single" else mem.expansion
 
     conv = hidden * mem.query_conv_kernel                            # depthwise [D, 1, kernel]
-    query = hidden * 2 * key_dim                                      # row and column query
+    query = hidden * 2 * query_ranks * key_dim                        # row and column (per rank)
     norms = 2 * _norm_params(mem.qk_norm, key_dim)                    # query norm, key norm
     keys = heads * 2 * keys_per_axis * key_dim * rank                 # [H, 2, sqrt(E) n, D_k, r]
     core_params = cores * heads * rank * rank                         # [h, H, r, r]
-    values = mem.num_values * value_dim                               # [N, D_v]
-    out_proj = mem.expansion * value_dim * hidden                     # Linear(E D_v -> D)
-    dense = conv + query + norms + keys + core_params + out_proj
-    read = heads * topk * value_dim                                   # H*m rows of D_v
+    pre_proj = pre_dim * hidden                                       # W_pre [D_p, D]
+    out_proj = groups * value_dim * hidden                            # [D, E or 1, D_v]
+    table = (mem.table_rows if v2 else mem.num_values) * (value_dim + pre_dim)
+    dense = conv + query + norms + keys + core_params + pre_proj + out_proj
+    read = heads * topk * (value_dim + pre_dim)                       # H*m rows of D_v (+ D_p)
 
     matmul = (
         conv + query
@@ -134,14 +149,16 @@ def _ultramem(model: ModelConfig) -> _Part:
         + heads * width * width * rank                                #   ... S_col, w x w cells
         + heads * topk * cores * rank * rank                          # re-score: S_row^T C_c
         + heads * topk * cores * rank                                 #   ... S_col, m cells
-        + out_proj)
+        + pre_proj + out_proj)
     rank1_filter = 2 * heads * keys_per_axis * rank                   # phase 1: S u and S t
-    return _Part(total=dense + values, activated=dense + read, matmul=matmul,
-                 other=read + rank1_filter)
+    other = heads * topk * value_dim + heads * topk * pre_dim + rank1_filter  # pool, pre-scores
+    if v2:
+        return _Part(total=dense, activated=dense + read, matmul=matmul, other=other), table
+    return _Part(total=dense + table, activated=dense + read, matmul=matmul, other=other), 0
 
 
-def _pkm(model: ModelConfig) -> _Part:
-    """One ProductKeyMemory (ultramem_megatron/memory/pkm.py)."""
+def _pkm(model: ModelConfig) -> tuple[_Part, int]:
+    """One ProductKeyMemory (ultramem_megatron/memory/pkm.py); no shared table."""
     pkm, hidden = model.pkm, model.hidden_size
     query = hidden * pkm.num_heads * pkm.key_dim
     batchnorm = 2 * pkm.num_heads * pkm.key_dim if pkm.query_batchnorm else 0  # weight, bias
@@ -149,7 +166,28 @@ def _pkm(model: ModelConfig) -> _Part:
     values = pkm.num_values * hidden
     read = pkm.num_heads * pkm.topk * hidden
     dense = query + batchnorm + keys
-    return _Part(total=dense + values, activated=dense + read, matmul=query + keys, other=read)
+    return _Part(total=dense + values, activated=dense + read, matmul=query + keys, other=read), 0
+
+
+def _memory_plus(model: ModelConfig) -> tuple[_Part, int]:
+    """One MemoryPlusLayer (ultramem_megatron/memory/memory_plus.py) and the [n^2, D_v] value
+    table every layer shares."""
+    mem, hidden = model.memory_plus, model.hidden_size
+    value_dim, half = mem.resolved_value_dim(hidden), mem.key_dim // 2
+    query = hidden * mem.num_heads * mem.key_dim                      # W_q [H key_dim, D]
+    bias = mem.num_heads * mem.key_dim if mem.query_bias else 0
+    norms = half * ((mem.qk_norm in ("both", "query")) + (mem.qk_norm == "both"))  # RMSNorm gains
+    keys = mem.num_heads * 2 * mem.num_keys * half                    # [H, 2, n, key_dim / 2]
+    out_proj = hidden * value_dim                                     # W_o [D, 1, D_v]
+    gate = value_dim * hidden                                         # W_s [D_v, D]
+    read = mem.num_heads * mem.topk * value_dim                       # H*k rows of D_v
+    dense = query + bias + norms + keys + out_proj + gate
+    return (_Part(total=dense, activated=dense + read, matmul=query + keys + out_proj + gate,
+                  other=read), mem.num_values * value_dim)
+
+
+MEMORY_LAYERS = {"pkm": _pkm, "ultramem": _tucker, "ultramem_v2": _tucker,
+                 "memory_plus": _memory_plus}
 
 
 def model_stats(model: ModelConfig) -> ModelStats:
@@ -176,9 +214,10 @@ def model_stats(model: ModelConfig) -> ModelStats:
 
     memory = _Part()
     spans = model.active_spans()
-    if model.family in ("ultramem", "pkm") and spans:
-        one = _ultramem(model) if model.family == "ultramem" else _pkm(model)
-        memory = _Part(*(len(spans) * x for x in (one.total, one.activated, one.matmul, one.other)))
+    if model.family in MEMORY_LAYERS and spans:
+        one, shared = MEMORY_LAYERS[model.family](model)   # a shared table counts once
+        memory = _Part(len(spans) * one.total + shared,
+                       *(len(spans) * x for x in (one.activated, one.matmul, one.other)))
 
     return ModelStats(
         total_params=embedding_total + blocks.total + norm + memory.total,

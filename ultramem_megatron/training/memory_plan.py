@@ -6,11 +6,15 @@
 # Per GPU, for the first pipeline stage (it holds the input embedding, its L / PP blocks, the
 # memory layers whose span starts in it, and keeps the most micro-batches in flight under 1F1B):
 #   parameters   bf16, 2 bytes each. Attention, FFN, embedding / output layer and the memory
-#                layer's output projection are split over TP; norms, routers, memory queries, key
-#                tables and Tucker cores are counted whole on every TP rank (an upper bound).
-#                MoE experts: num_experts / EP per rank, each split over TP.
-#                UltraMem value tables: N x D_v / (TP x P) per rank in both modes (value_dim:
-#                all N rows x D_v / (TP P) columns; row: N / P rows x D_v / TP columns).
+#                layer's projections from and to the value width (output projection,
+#                UltraMemV2's W_pre, Memory+'s W_s) are split over TP; norms, routers, memory
+#                queries, key tables and Tucker cores are counted whole on every TP rank (an
+#                upper bound). MoE experts: num_experts / EP per rank, each split over TP.
+#                Value tables: N x D_v / (TP x P) per rank in both modes (value_dim: all N rows
+#                x D_v / (TP P) columns; row: N / P rows x D_v / TP columns). UltraMem has one
+#                per memory layer; UltraMemV2 one [N_all, D_v] value and one [N_all, D_p]
+#                pre-value table, Memory+ one [n^2, D_v] table, shared by all its memory layers
+#                and counted once (whole on the stage when any of its layers is there).
 #   main grads   fp32, 4 bytes per parameter (megatron DDP with grad_reduce_in_fp32).
 #   optimizer    Adam: fp32 master weights + 2 fp32 moments = 12 bytes per parameter; with the
 #                distributed optimizer divided over the parameter's data-parallel group: DP x CP
@@ -27,11 +31,13 @@
 #                routed copies of expert width for MoE). Times the micro-batches in flight on the
 #                first stage: min(PP, micro-batches per step) under 1F1B, x (1 + (PP-1)/(PP VPP))
 #                when interleaved. Memory layers add their own tensors (shapes of
-#                model/stats.py): query, phase-1 row / column scores, the candidate grid, top-m
-#                scores (bf16) and indices (int64), the pooled E D_v output and the D-wide output
-#                held until the span's end; not split over TP (every TP rank scores the same
-#                tokens). Full recompute keeps only the held output. With PP = 1 the stage is
-#                also the last: logits s b V / t in bf16 plus their fp32 copy for the loss.
+#                model/stats.py): query, phase-1 row / column scores (sub-key scores for Memory+),
+#                the candidate grid, top-m scores (bf16) and indices (int64), UltraMemV2's W_pre x
+#                and pre-value scores, the pooled E D_v output (one group when UltraMemV2 sums
+#                them; Memory+'s pooled, gate and gated product) and the D-wide output held until
+#                the span's end; not split over TP (every TP rank scores the same tokens). Full
+#                recompute keeps only the held output. With PP = 1 the stage is also the last:
+#                logits s b V / t in bf16 plus their fp32 copy for the loss.
 #   Not counted: CUDA context / NCCL buffers / allocator fragmentation (keep several GiB spare),
 #   the temporary of the backward, communication buffers of memory parallelism.
 
@@ -41,6 +47,7 @@ from typing import Optional
 from ..config import ModelConfig, ParallelConfig
 
 GIB = 1024 ** 3
+SHARDED_TABLES = ("ultramem", "ultramem_v2", "memory_plus")   # families P shards the tables of
 LAYOUT_KEYS = ("tp", "pp", "cp", "mp", "ep", "dp", "vpp")
 RECOMPUTE = ("none", "selective", "full")
 
@@ -116,8 +123,8 @@ def layout_problem(model: ModelConfig, layout: Layout) -> Optional[str]:
         return f"ep ({layout.ep}) must divide dp x cp ({layout.dp * layout.cp})"
     if model.family == "moe" and model.moe.num_experts % layout.ep:
         return f"ep ({layout.ep}) must divide moe.num_experts ({model.moe.num_experts})"
-    if model.family != "ultramem" and layout.mp > 1:
-        return "mp > 1 shards UltraMem value tables; this model has none"
+    if model.family not in SHARDED_TABLES and layout.mp > 1:
+        return "mp > 1 shards UltraMem, UltraMemV2 and Memory+ value tables; this model has none"
     if model.family != "moe" and layout.ep > 1:
         return "ep > 1 splits MoE experts; this model has none"
     return None
@@ -132,7 +139,7 @@ class MemoryPlan:
     micro_batch: int
     in_flight: float                 # micro-batches whose activations the first stage holds
     params: int                      # parameter count on this GPU (value shards included)
-    value_params: int                # of which UltraMem value-shard elements
+    value_params: int                # of which value-shard elements (UltraMem(V2), Memory+, PKM)
     param_bytes: int                 # bf16
     grad_bytes: int                  # fp32 main grads
     optimizer_bytes: float           # fp32 master + 2 moments, over DP when distributed
@@ -157,17 +164,58 @@ class MemoryPlan:
         return self.total_bytes <= self.gpu_memory_gib * GIB
 
 
+def _tucker_shape(model: ModelConfig) -> tuple[int, int, int]:
+    """(D_p, queries per axis, projected groups) of an UltraMemV2 layer; (0, 1, E) for UltraMem."""
+    mem = model.memory
+    if model.family != "ultramem_v2":
+        return 0, 1, mem.expansion
+    return (mem.resolved_pre_value_dim(model.hidden_size),
+            mem.tucker_rank if mem.query_per_rank else 1,
+            1 if mem.value_projection == "single" else mem.expansion)
+
+
+def _memory_params(model: ModelConfig, layers: int) -> tuple[int, int, int]:
+    """(TP-split, replicated, whole value-table elements) of `layers` memory layers of an UltraMem,
+    UltraMemV2 or Memory+ model; a table its layers share counted once."""
+    mem, h = model.memory, model.hidden_size
+    value_dim = mem.resolved_value_dim(h)
+    if model.family == "memory_plus":
+        norms = mem.key_dim // 2 * ((mem.qk_norm in ("both", "query")) + (mem.qk_norm == "both"))
+        # W_q [H key_dim, D] (+ bias), keys [H, 2, n, key_dim / 2], RMSNorm gains
+        replicated = mem.num_heads * mem.key_dim * (h + mem.query_bias + mem.num_keys) + norms
+        return layers * 2 * value_dim * h, layers * replicated, mem.num_values * value_dim
+    pre, ranks, groups = _tucker_shape(model)
+    replicated = (h * mem.query_conv_kernel + h * 2 * ranks * mem.key_dim
+                  + 2 * mem.key_dim * (2 if mem.qk_norm == "layernorm" else 1)
+                  + mem.num_heads * 2 * mem.keys_per_axis * mem.key_dim * mem.tucker_rank
+                  + mem.num_cores * mem.num_heads * mem.tucker_rank ** 2)
+    table = (mem.table_rows * (value_dim + pre) if model.family == "ultramem_v2"
+             else layers * mem.num_values * value_dim)
+    return layers * (groups * value_dim + pre) * h, layers * replicated, table
+
+
 def _memory_layer_activation_bytes(model: ModelConfig, tokens: int) -> int:
-    """One UltraMem layer's saved tensors for `tokens` tokens (bf16; int64 indices)."""
-    mem = model.ultramem
-    value_dim = mem.resolved_value_dim(model.hidden_size)
+    """One UltraMem, UltraMemV2 or Memory+ layer's saved tensors for `tokens` tokens (bf16;
+    int64 indices)."""
+    mem, h = model.memory, model.hidden_size
+    value_dim = mem.resolved_value_dim(h)
+    if model.family == "memory_plus":
+        elements = (mem.num_heads * mem.key_dim                       # query, both halves
+                    + mem.num_heads * 2 * mem.num_keys                # sub-key scores
+                    + mem.num_heads * mem.topk * mem.topk             # k x k candidate sums
+                    + 2 * mem.num_heads * mem.topk                    # top-k scores, softmax
+                    + 3 * value_dim                                   # pooled, gate, product
+                    + h)                                              # output held to span end
+        return tokens * (2 * elements + 8 * mem.num_heads * mem.topk)
+    pre, ranks, groups = _tucker_shape(model)
     width = mem.candidates_per_axis
-    elements = (2 * mem.key_dim                                       # row / column query
+    elements = (2 * ranks * mem.key_dim                               # row / column query
                 + mem.num_heads * 2 * mem.keys_per_axis * mem.tucker_rank   # phase-1 scores
                 + mem.num_heads * width * width                       # phase-2 candidate grid
                 + mem.num_heads * mem.topk * mem.num_cores            # top-m core scores
-                + mem.expansion * value_dim                           # pooled E D_v
-                + model.hidden_size)                                  # output held to span end
+                + (pre + mem.num_heads * mem.topk if pre else 0)      # W_pre x, pre-scores
+                + groups * value_dim                                  # pooled E (or 1) D_v
+                + h)                                                  # output held to span end
     return tokens * (2 * elements + 8 * mem.num_heads * mem.topk)     # + int64 indices
 
 
@@ -204,16 +252,11 @@ def plan_memory(model: ModelConfig, layout: Layout, micro_batch: int = 1,
         replicated += norm                                          # final norm
     spans = [s for s in model.active_spans() if s[0] in stage_blocks]
     value_params = 0
-    if model.family == "ultramem" and spans:
-        mem = model.ultramem
-        value_dim = mem.resolved_value_dim(h)
-        split += len(spans) * mem.expansion * value_dim * h        # output projection
-        replicated += len(spans) * (h * mem.query_conv_kernel + h * 2 * mem.key_dim
-                                    + 2 * mem.key_dim * (2 if mem.qk_norm == "layernorm" else 1)
-                                    + mem.num_heads * 2 * mem.keys_per_axis * mem.key_dim
-                                    * mem.tucker_rank
-                                    + mem.num_cores * mem.num_heads * mem.tucker_rank ** 2)
-        value_params = len(spans) * mem.num_values * value_dim // (t * layout.mp)
+    if model.family in SHARDED_TABLES and spans:
+        memory_split, memory_replicated, table = _memory_params(model, len(spans))
+        split += memory_split
+        replicated += memory_replicated
+        value_params = table // (t * layout.mp)
     elif model.family == "pkm" and spans:
         value_params = len(spans) * model.pkm.num_values * h        # PKM values: not sharded
     dense = split // t + replicated
@@ -249,7 +292,7 @@ def plan_memory(model: ModelConfig, layout: Layout, micro_batch: int = 1,
         selective = sbh * (10 + tp_part / t)
         full = 2 * sbh
     memory_full = memory_kept = 0
-    if model.family == "ultramem" and spans:
+    if model.family in SHARDED_TABLES and spans:
         memory_kept = len(spans) * _memory_layer_activation_bytes(model, s * b)
         memory_full = len(spans) * 2 * sbh                 # only the held output
     logits = 6 * s * b * model.vocab_size / t if layout.pp == 1 else 0
