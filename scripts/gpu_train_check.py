@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = ["dense", "moe", "pkm", "ultramem"]
+FAMILIES = ["dense", "moe", "pkm", "ultramem", "ultramem_v2", "memory_plus"]
+PLACEMENT = {"ultramem_v2": ["model.memory_spans=all"]}   # a memory in every block
 # The tiny config on the committed fixture (no corpus download on a machine without network).
 RUN = ["model.seq_length=256", "train.micro_batch_size=8", "train.global_batch_size=16",
        "train.log_interval=1", "data.corpus=null", "data.subset_weights={}",
@@ -34,7 +35,8 @@ def te_available() -> bool:
 def train(run_dir: Path, family: str, impl: str, steps: int, precision: str) -> dict:
     """One train.py run; -> a table row (or the failure)."""
     command = [sys.executable, "train.py", "--config", "configs/tiny.yaml", *RUN,
-               f"model.family={family}", f"train.transformer_impl={impl}",
+               f"model.family={family}", *PLACEMENT.get(family, []),
+               f"train.transformer_impl={impl}",
                f"train.precision={precision}", f"train.max_steps={steps}",
                f"train.eval_interval={steps}", f"train.save_interval={steps}",
                f"train.run_dir={run_dir}"]

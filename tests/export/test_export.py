@@ -1,5 +1,6 @@
 """HF export of every family: the transformers model computes the megatron model's logits, its
-KV cache decodes what the uncached model decodes, sharded safetensors load, bad input is refused."""
+KV cache decodes what the uncached model decodes, sharded safetensors load, bad input is refused,
+a table shared by every memory layer is stored once and converts back exactly."""
 
 import json
 import pickle
@@ -10,8 +11,9 @@ import torch
 
 from tests.training.conftest import ROOT
 from ultramem_megatron.config import load_config
-from ultramem_megatron.export import ConversionError, export_model, import_hf
+from ultramem_megatron.export import ConversionError, export_checkpoint, export_model, import_hf
 from ultramem_megatron.export.checkpoints import single_process_model
+from ultramem_megatron.export.convert import exported_keys, from_hf, to_hf
 from ultramem_megatron.export.hf_dir import read_hf_dir
 
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -31,6 +33,22 @@ VARIANTS = {
                                 "model.ultramem.qk_norm=layernorm", "model.ultramem.query_batchnorm=true",
                                 "model.ultramem.phase1_topk=24", "model.ultramem.expansion=9",
                                 "model.ultramem.num_cores=1", "model.ultramem.tucker_rank=3"],
+    "ultramem_v2": ["model.family=ultramem_v2", "model.memory_spans=all"],
+    "ultramem_v2-per-group-gelu-conv": [
+        "model.family=ultramem_v2", "model.memory_spans=0:1/2:3",
+        "model.ultramem_v2.value_projection=per_group", "model.ultramem_v2.expansion=4",
+        "model.ultramem_v2.pre_value_activation=gelu", "model.ultramem_v2.query_conv_kernel=3",
+        "model.ultramem_v2.query_batchnorm=true", "model.ultramem_v2.qk_norm=layernorm",
+        "model.ultramem_v2.num_heads=2", "model.ultramem_v2.phase1_topk=20"],
+    "ultramem_v2-one-query-no-pre-values": [
+        "model.family=ultramem_v2", "model.memory_spans=1:1/3:3",
+        "model.ultramem_v2.query_per_rank=false", "model.ultramem_v2.pre_value_dim=0",
+        "model.ultramem_v2.share_ratio=1.0", "model.ultramem_v2.tucker_rank=3",
+        "model.ultramem_v2.num_cores=1"],
+    "memory_plus": ["model.family=memory_plus", "model.memory_spans=0:1/2:3"],
+    "memory_plus-all-bias-query-norm": ["model.family=memory_plus", "model.memory_spans=all",
+                                        "model.memory_plus.qk_norm=query",
+                                        "model.memory_plus.query_bias=true"],
 }
 
 
@@ -147,3 +165,35 @@ def test_loading_never_unpickles(tmp_path, monkeypatch):
     hf = load_hf(out)
     config, state = read_hf_dir(out)
     assert set(state) == set(hf.state_dict())
+
+
+@pytest.mark.parametrize("variant", ["ultramem_v2", "memory_plus"])
+def test_shared_table_is_stored_once_and_converts_back(tmp_path, variant):
+    run = load_config(TINY, SMALL + VARIANTS[variant])
+    model = trained_looking_model(run)
+    state = model.state_dict()
+    memory, hidden = run.model.memory, run.model.hidden_size
+    rows = memory.table_rows if variant == "ultramem_v2" else memory.num_values
+    hf_state = to_hf(state, run.model)
+    tables = sorted(k for k in hf_state if k.endswith(("values", "pre_values")))
+    expected = {"model.memory_tables.values": (rows, memory.resolved_value_dim(hidden))}
+    if variant == "ultramem_v2":
+        expected["model.memory_tables.pre_values"] = (rows, memory.resolved_pre_value_dim(hidden))
+    assert {k: tuple(hf_state[k].shape) for k in tables} == expected
+    back = from_hf(hf_state, single_process_model(run).state_dict(), run.model)
+    assert sorted(back) == sorted(exported_keys(state))
+    assert all(torch.equal(back[k], state[k]) for k in back)
+
+    first = next(k for k in state if k.endswith("memory.values.values"))
+    last = [k for k in state if k.endswith("memory.values.values")][-1]
+    with pytest.raises(ConversionError, match="which they all share"):
+        to_hf({**state, last: state[first] + 1}, run.model)
+
+    out = export_model(model, run, tmp_path / "hf", tokenizer="")
+    _, written = read_hf_dir(out)
+    assert set(written) == set(hf_state) == set(load_hf(out).state_dict())
+    import_hf(out, tmp_path / "megatron")
+    _, again = read_hf_dir(export_checkpoint(tmp_path / "megatron", tmp_path / "again",
+                                             tokenizer=""))
+    assert sorted(again) == sorted(written)
+    assert all(torch.equal(again[k], written[k]) for k in written)

@@ -1,5 +1,6 @@
 """End to end on a trained checkpoint: CLI export, HF -> megatron -> HF, continued training from an
-import in a sharded layout, the export running without ultramem_megatron (pipeline), lm-eval."""
+import in a sharded layout, the export running without ultramem_megatron (pipeline), lm-eval; the
+same round trips for the families whose memory layers share one table (UltraMemV2, Memory+)."""
 
 import json
 import os
@@ -89,6 +90,54 @@ def test_hf_megatron_hf_round_trip_and_continued_training(exported):
                     "model.hidden_size=128", check=False)
     assert refused.returncode == 2
     assert "model.hidden_size: 128 vs 64" in refused.stderr
+
+
+# family -> (model overrides, memory_parallel_mode of the sharded continuation)
+SHARED_TABLE_FAMILIES = {
+    "ultramem_v2": (["model.family=ultramem_v2", "model.memory_spans=all"], "value_dim"),
+    "memory_plus": (["model.family=memory_plus", "model.memory_spans=0:1/2:3"], "row"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(SHARED_TABLE_FAMILIES))
+def test_shared_table_families_round_trip_from_a_trained_checkpoint(tmp_path, family):
+    """Trained 3 steps, exported by the CLI: logits equal the checkpoint's, the shared table is
+    the trained one (stored once); import -> export is exact, and so is the export of one lr-0
+    step on 2 ranks that shard the shared table (memory-parallel 2)."""
+    from tests.export.test_export import load_hf
+    from ultramem_megatron.export.checkpoints import single_process_model
+    from ultramem_megatron.export.hf_dir import read_hf_dir
+    from ultramem_megatron.training.checkpoint import (load_model_weights, read_run_config,
+                                                       resolve_checkpoint)
+
+    overrides, mode = SHARED_TABLE_FAMILIES[family]
+    train(tmp_path / "run", "train.max_steps=3", *overrides)
+    hf = tmp_path / "hf"
+    run_script("scripts/export_hf.py", "--checkpoint", str(tmp_path / "run"), "--out", str(hf))
+    checkpoint = resolve_checkpoint(tmp_path / "run")
+    run = read_run_config(checkpoint)
+    initial = single_process_model(run).state_dict()
+    model = single_process_model(run)
+    load_model_weights(checkpoint, model)
+    torch.manual_seed(3)
+    tokens = torch.randint(0, 50000, (2, 32))
+    with torch.no_grad():
+        reference = model.eval()(tokens, torch.arange(32).expand(2, -1), None)
+        logits = load_hf(hf)(tokens).logits
+    assert (logits - reference).abs().max().item() < 1e-4
+    table = read_hf_dir(hf)[1]["model.memory_tables.values"]
+    assert not torch.equal(table, initial["decoder.layers.0.mlp.memory.values.values"])
+
+    run_script("scripts/export_hf.py", "--import-hf", str(hf), "--out", str(tmp_path / "megatron"))
+    run_script("scripts/export_hf.py", "--checkpoint", str(tmp_path / "megatron"),
+               "--out", str(tmp_path / "hf_again"))
+    assert_same_export(hf, tmp_path / "hf_again")
+    train(tmp_path / "continued", f"train.init_from={tmp_path / 'megatron'}", "train.lr=0",
+          "train.max_steps=1", *overrides, *parallel(1, 2, mode), python=torchrun(2),
+          env={"OMP_NUM_THREADS": "1"})
+    run_script("scripts/export_hf.py", "--checkpoint", str(tmp_path / "continued"),
+               "--out", str(tmp_path / "hf_continued"))
+    assert_same_export(hf, tmp_path / "hf_continued")
 
 
 def test_cli_refuses_a_missing_checkpoint(tmp_path):

@@ -10,6 +10,8 @@ from tests.conftest import transformer_config
 from tests.kernels.conftest import DEVICE
 from tests.training.conftest import losses, train
 from ultramem_megatron.memory import UltraMemConfig, UltraMemLayer
+from ultramem_megatron.memory.config import MemoryPlusConfig, UltraMemV2Config
+from ultramem_megatron.memory.memory_plus import MemoryPlusLayer
 
 
 def layer_pair(**overrides):
@@ -29,12 +31,34 @@ def layer_pair(**overrides):
                                        {"expansion": 1, "num_cores": 1, "tucker_rank": 1}],
                          ids=["E4-c2", "E9-c3", "E1-c1"])
 def test_layer_forward_and_gradients_match_torch(overrides):
-    reference, kernels = layer_pair(**overrides)
+    assert_same_layer(*layer_pair(**overrides))
+
+
+@pytest.mark.parametrize("family", ["ultramem_v2", "memory_plus"])
+def test_new_families_match_torch(family):
+    """UltraMemV2 (pre-value-weighted scores, summed groups) and Memory+ (one core: softmax
+    weights) through the kernels."""
+    def build(kernel: str):
+        torch.manual_seed(3)
+        if family == "memory_plus":
+            memory = MemoryPlusConfig(num_keys=6, key_dim=8, topk=5, num_heads=2, kernel=kernel)
+            return MemoryPlusLayer(transformer_config(hidden_size=16), memory)
+        memory = UltraMemV2Config(num_keys=4, key_dim=8, topk=6, phase1_topk=5, value_dim=12,
+                                  pre_value_dim=6, pre_value_activation="gelu", expansion=4,
+                                  memory_layers=2, share_ratio=0.5, kernel=kernel)
+        return UltraMemLayer(transformer_config(hidden_size=16), memory, layer_index=1)
+
+    reference, kernels = build("torch"), build("triton")
+    kernels.load_state_dict(copy.deepcopy(reference.state_dict()))
+    assert_same_layer(reference, kernels.to(DEVICE))
+
+
+def assert_same_layer(reference, kernels) -> None:
     x = torch.randn(7, 2, 16)
     probe = torch.randn(7, 2, 16)
     results = []
     for layer in (reference, kernels):   # the torch reference on the CPU, the kernels on DEVICE
-        device = layer.retrieval.keys.device
+        device = layer.values.values.device
         layer.refresh_rank1()
         out, aux = layer(x.to(device))
         ((out * probe.to(device)).sum() + aux).backward()

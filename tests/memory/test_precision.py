@@ -8,6 +8,8 @@ import torch
 from tests.conftest import transformer_config
 from ultramem_megatron.memory import PKMConfig, ProductKeyMemory, UltraMemConfig, UltraMemLayer
 from ultramem_megatron.memory import pkm as pkm_module
+from ultramem_megatron.memory.config import MemoryPlusConfig, UltraMemV2Config
+from ultramem_megatron.memory.memory_plus import MemoryPlusLayer
 
 SEQ, BATCH, HIDDEN = 64, 8, 128
 MEMORY = UltraMemConfig(num_keys=32, key_dim=64, topk=16, phase1_topk=16, num_heads=2,
@@ -94,3 +96,38 @@ def pkm_rows(module: ProductKeyMemory, hidden: torch.Tensor, monkeypatch
     with torch.no_grad():
         out = module(hidden)[0]
     return captured[0][0].reshape(SEQ * BATCH, -1).sort(-1).values, out
+
+
+def test_ultramem_v2_bf16_selects_what_float64_selects():
+    """Per-rank queries, pre-values (fp32 dot products) and the shared table in bf16."""
+    memory = UltraMemV2Config(num_keys=16, key_dim=64, topk=16, phase1_topk=16, value_dim=64,
+                              pre_value_dim=32, memory_layers=4, share_ratio=0.5)
+    low, high = twins(lambda dtype: UltraMemLayer(transformer_config(HIDDEN, dtype=dtype), memory,
+                                                  layer_index=2))
+    hidden = torch.randn(SEQ, BATCH, HIDDEN, generator=torch.Generator().manual_seed(5))
+    hidden = hidden.bfloat16()
+    low_idx, low_out = selected_sets(low, low.retrieval, hidden)
+    high_idx, high_out = selected_sets(high, high.retrieval, hidden.double())
+    assert_agrees("UltraMemV2", low_idx, high_idx, low_out, high_out)  # measured 1.0, 0.003
+
+
+def test_memory_plus_bf16_selects_what_float64_selects():
+    memory = MemoryPlusConfig(num_keys=32, key_dim=64, topk=16, num_heads=2)
+    low, high = twins(lambda dtype: MemoryPlusLayer(transformer_config(HIDDEN, dtype=dtype),
+                                                    memory))
+    hidden = torch.randn(SEQ, BATCH, HIDDEN, generator=torch.Generator().manual_seed(5))
+    hidden = hidden.bfloat16()
+    with torch.no_grad():
+        low_rows = low.select(hidden.view(SEQ * BATCH, HIDDEN))[0].sort(-1).values
+        high_rows = high.select(hidden.double().view(SEQ * BATCH, HIDDEN))[0].sort(-1).values
+        low_out, high_out = low(hidden)[0], high(hidden.double())[0]
+    assert_agrees("Memory+", low_rows, high_rows, low_out, high_out)  # measured 1.0, 0.004
+
+
+def assert_agrees(name: str, low_idx, high_idx, low_out, high_out) -> None:
+    """bf16 output; at least 99 % of tokens select the float64 set; output error under 2 %."""
+    same, error = agreement(low_idx, high_idx), relative_error(low_out, high_out)
+    print(f"\n{name} bf16 vs float64: same selection {same:.4f}, output error {error:.4f}")
+    assert low_out.dtype == torch.bfloat16
+    assert same >= 0.99
+    assert error < 0.02

@@ -10,10 +10,14 @@ from .conftest import losses, train
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("family", ["dense", "moe", "pkm", "ultramem"])
+PLACEMENT = {"ultramem_v2": ["model.memory_spans=all"]}   # a memory in every block
+
+
+@pytest.mark.parametrize("family", ["dense", "moe", "pkm", "ultramem", "ultramem_v2",
+                                    "memory_plus"])
 def test_family_trains_and_checkpoints(tmp_path, family):
     result = train(tmp_path, "train.max_steps=4", "train.eval_interval=4", "train.lr=1e-2",
-                   f"model.family={family}")
+                   f"model.family={family}", *PLACEMENT.get(family, []))
     trace = losses(tmp_path)
     assert sorted(trace) == [1, 2, 3, 4]
     assert all(math.isfinite(v) for v in trace.values())
@@ -32,4 +36,4 @@ def test_family_trains_and_checkpoints(tmp_path, family):
     else:
         assert not any(k.startswith("moe/") for r in records for k in r)
     memory_keys = {k for k in records[-1] if k.startswith("mem0/")}
-    assert bool(memory_keys) == (family in ("pkm", "ultramem"))
+    assert bool(memory_keys) == (family not in ("dense", "moe"))

@@ -108,6 +108,11 @@ def rule_for(key: str, model: ModelConfig) -> Rule:
     raise ConversionError(f"no export rule for megatron tensor {key!r}")
 
 
+# The tables every UltraMemV2 / Memory+ memory reads: one HF tensor for all their megatron keys.
+SHARED_TABLES = {"values.values": "model.memory_tables.values",
+                 "values.pre_values": "model.memory_tables.pre_values"}
+
+
 def _memory_rule(name: str, layer: int, model: ModelConfig) -> Rule:
     starts = {start: k for k, (start, _) in enumerate(model.active_spans())}
     if layer not in starts:
@@ -116,12 +121,24 @@ def _memory_rule(name: str, layer: int, model: ModelConfig) -> Rule:
     hf = f"model.memories.{starts[layer]}"
     if model.family == "pkm":
         return _same(f"{hf}.{name}")
+    if model.shares_tables and name in SHARED_TABLES:
+        return _same(SHARED_TABLES[name])
     if name == "values.out_proj.weight":
-        return _flat_projection(f"{hf}.out_proj.weight", model.ultramem.expansion)
+        return _flat_projection(f"{hf}.out_proj.weight", _projected_groups(model))
     for prefix in ("retrieval.", "values."):
         if name.startswith(prefix):
             return _same(f"{hf}.{name[len(prefix):]}")
-    return _same(f"{hf}.{name}")   # query_conv.weight
+    return _same(f"{hf}.{name}")   # query_conv.weight; Memory+'s keys, query_proj, norms
+
+
+def _projected_groups(model: ModelConfig) -> int:
+    """E of the [D, E, D_v] value projection: UltraMemV2 sums its groups first (one) unless
+    value_projection is per_group; Memory+ has one."""
+    memory = model.memory
+    if model.family == "memory_plus" or (model.family == "ultramem_v2"
+                                         and memory.value_projection == "single"):
+        return 1
+    return memory.expansion
 
 
 def exported_keys(megatron_keys) -> list[str]:
@@ -130,13 +147,22 @@ def exported_keys(megatron_keys) -> list[str]:
 
 
 def to_hf(state_dict: dict[str, Tensor], model: ModelConfig) -> dict[str, Tensor]:
-    """megatron (TP = 1) state dict -> HF state dict (contiguous tensors, safetensors-ready)."""
+    """megatron (TP = 1) state dict -> HF state dict (contiguous tensors, safetensors-ready).
+    A table shared by every memory layer (one tensor under each layer's key) is written once."""
     out: dict[str, Tensor] = {}
     for key in exported_keys(state_dict):
         rule = rule_for(key, model)
         for hf_key, tensor in zip(rule.hf_keys, rule.split(state_dict[key])):
-            out[hf_key] = tensor.detach().contiguous()
+            tensor = tensor.detach().contiguous()
+            if hf_key in out and not _same_tensor(out[hf_key], tensor):
+                raise ConversionError(f"megatron tensor {key} differs from the other memory "
+                                      f"layers' {hf_key}, which they all share")
+            out[hf_key] = tensor
     return out
+
+
+def _same_tensor(a: Tensor, b: Tensor) -> bool:
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape) or torch.equal(a, b)
 
 
 def from_hf(hf_state: dict[str, Tensor], template: dict[str, Tensor], model: ModelConfig
@@ -176,14 +202,16 @@ def hf_config(model: ModelConfig) -> dict:
         "position_embedding": model.position_embedding, "rotary_base": 10000.0,
         "hidden_act": "swiglu" if model.swiglu else "gelu", "family": model.family,
         "memory_spans": [list(span) for span in model.active_spans()],
-        "ultramem": None, "pkm": None, "moe": None,
+        "ultramem": None, "ultramem_v2": None, "pkm": None, "memory_plus": None, "moe": None,
         "megatron_model_config": asdict(model),
     }
-    if model.family == "ultramem":
-        memory = asdict(model.ultramem)
-        memory["value_dim"] = model.ultramem.resolved_value_dim(model.hidden_size)
-        fields["ultramem"] = memory
-    elif model.family == "pkm":
+    memory, hidden = model.memory, model.hidden_size
+    if model.family in ("ultramem", "ultramem_v2", "memory_plus"):
+        fields[model.family] = {**asdict(memory), "value_dim": memory.resolved_value_dim(hidden)}
+    if model.family == "ultramem_v2":   # memory_layers is set by model.memory from the spans
+        fields["ultramem_v2"].update(pre_value_dim=memory.resolved_pre_value_dim(hidden),
+                                     table_rows=memory.table_rows, window_keys=memory.window_keys)
+    if model.family == "pkm":
         fields["pkm"] = asdict(model.pkm)
     elif model.family == "moe":
         moe = model.moe

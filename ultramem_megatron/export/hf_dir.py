@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent
 SHIPPED_CODE = {
     "configuration_ultramem.py": PACKAGE / "export" / "hf" / "configuration_ultramem.py",
     "modeling_ultramem.py": PACKAGE / "export" / "hf" / "modeling_ultramem.py",
+    "modeling_memories.py": PACKAGE / "export" / "hf" / "modeling_memories.py",
     "memory_selection.py": PACKAGE / "memory" / "selection.py",
     "memory_lookup.py": PACKAGE / "memory" / "lookup.py",
 }

@@ -1,20 +1,22 @@
-"""Hugging Face configuration of an ultramem-megatron model (dense, MoE, PKM or UltraMem family)."""
+"""Hugging Face configuration of an ultramem-megatron model, every family (dense to Memory+)."""
 
 # Shipped inside every export (scripts/export_hf.py) next to modeling_ultramem.py; it imports
 # nothing from ultramem_megatron, so an export loads wherever transformers is installed.
 
 from transformers import PretrainedConfig
 
-FAMILIES = ("dense", "moe", "pkm", "ultramem")
+FAMILIES = ("dense", "moe", "pkm", "ultramem", "ultramem_v2", "memory_plus")
 
 
 class UltraMemConfig(PretrainedConfig):
     """The architecture of a megatron-core GPT trained by ultramem-megatron.
 
     memory_spans [[i, j], ...]: memory k reads block i's pre-FFN normed input and its output is
-    added to block j's FFN output. `ultramem` / `pkm` / `moe` hold the family's settings (the
-    training config's sections); `megatron_model_config` is the whole training model config, kept
-    so that an export converts back to a megatron checkpoint losslessly.
+    added to block j's FFN output (i = j: the same block's). `ultramem` / `ultramem_v2` / `pkm` /
+    `memory_plus` / `moe` hold the family's settings (the training config's sections, with the
+    derived widths and table sizes the model code needs); `megatron_model_config` is the whole
+    training model config, kept so that an export converts back to a megatron checkpoint
+    losslessly.
     """
 
     model_type = "ultramem_megatron"
@@ -27,6 +29,7 @@ class UltraMemConfig(PretrainedConfig):
                  position_embedding: str = "rope", rotary_base: float = 10000.0,
                  hidden_act: str = "gelu", family: str = "dense", memory_spans=(),
                  ultramem: dict | None = None, pkm: dict | None = None, moe: dict | None = None,
+                 ultramem_v2: dict | None = None, memory_plus: dict | None = None,
                  megatron_model_config: dict | None = None, use_cache: bool = True,
                  tie_word_embeddings: bool = False,
                  **kwargs):
@@ -39,7 +42,8 @@ class UltraMemConfig(PretrainedConfig):
         if position_embedding not in ("rope", "learned_absolute"):
             raise ValueError("position_embedding must be 'rope' or 'learned_absolute', got "
                              f"{position_embedding!r}")
-        needs = {"ultramem": ultramem, "pkm": pkm, "moe": moe}.get(family, {})
+        needs = {"ultramem": ultramem, "pkm": pkm, "moe": moe, "ultramem_v2": ultramem_v2,
+                 "memory_plus": memory_plus}.get(family, {})
         if needs is None:
             raise ValueError(f"family {family!r} needs its {family!r} section")
         self.vocab_size = vocab_size
@@ -58,6 +62,8 @@ class UltraMemConfig(PretrainedConfig):
         self.ultramem = ultramem
         self.pkm = pkm
         self.moe = moe
+        self.ultramem_v2 = ultramem_v2
+        self.memory_plus = memory_plus
         self.megatron_model_config = megatron_model_config
         self.use_cache = use_cache
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

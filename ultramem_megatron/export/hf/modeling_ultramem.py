@@ -1,19 +1,19 @@
 """Hugging Face modeling code of an ultramem-megatron model: pure PyTorch, KV cache, every family."""
 
-# Shipped inside every export next to configuration_ultramem.py, memory_selection.py and
-# memory_lookup.py (the last two are the training code's own files, copied verbatim), so the
-# memory layers select and pool exactly as in training. Mirrors megatron-core's local GPT spec:
-# pre-norm blocks, fused-free attention with rotate-half RoPE, no biases, untied output layer.
+# Shipped inside every export next to configuration_ultramem.py, modeling_memories.py (the memory
+# layers), memory_selection.py and memory_lookup.py (the last two are the training code's own
+# files, copied verbatim), so the memory layers select and pool exactly as in training. Mirrors
+# megatron-core's local GPT spec: pre-norm blocks, fused-free attention with rotate-half RoPE, no
+# biases, untied output layer.
 #
 # Axis legend
 #   b  batch        s  new positions        p  key positions (cached + new)
 #   D  hidden       h  attention heads      d  head width
-#   t  tokens (b*s) k  items read per token e  expansion groups      c  Tucker cores
+#   t  tokens (b*s)
 
 import dataclasses
-import math
 from functools import partial
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,10 +23,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_ultramem import UltraMemConfig
-from .memory_lookup import lookup_pool
-from .memory_selection import (batch_normed, product_key_scores, product_key_topk,
-                               tucker_key_scores, tucker_keys, tucker_query, two_phase_topk,
-                               upcast)
+from .modeling_memories import MEMORIES, shared_tables
 
 # transformers 5.2x calls the KV cache `cache`; earlier releases call it `past_key_values`.
 CACHE_FIELD = ("cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
@@ -126,87 +123,6 @@ class MoE(nn.Module):
         return out.view_as(x)
 
 
-class UltraMemMemory(nn.Module):
-    """TDQKR retrieval, multi-core scoring, implicit value expansion: [b, s, D] -> [b, s, D]."""
-
-    def __init__(self, config: UltraMemConfig):
-        super().__init__()
-        mem, width = config.ultramem, config.hidden_size
-        heads, rank, key_dim = mem["num_heads"], mem["tucker_rank"], mem["key_dim"]
-        keys_per_axis = math.isqrt(mem["expansion"]) * mem["num_keys"]
-        self.num_values, self.expansion = mem["num_keys"] ** 2, mem["expansion"]
-        self.width = mem["phase1_topk"] or mem["topk"]
-        self.topk, self.kernel = mem["topk"], mem["query_conv_kernel"]
-        value_dim = mem["value_dim"]
-        if self.kernel > 0:
-            self.query_conv = nn.Conv1d(width, width, self.kernel, groups=width, bias=False)
-        self.query_proj = nn.Linear(width, 2 * key_dim, bias=False)
-        norm = (lambda: nn.LayerNorm(key_dim)) if mem["qk_norm"] == "layernorm" else \
-            (lambda: nn.RMSNorm(key_dim, eps=1e-6))
-        self.query_norm, self.key_norm = norm(), norm()
-        self.query_bn = (nn.BatchNorm1d(2 * key_dim, affine=False)
-                         if mem.get("query_batchnorm", False) else None)
-        self.keys = nn.Parameter(torch.empty(heads, 2, keys_per_axis, key_dim, rank))
-        self.cores = nn.Parameter(torch.empty(mem["num_cores"], heads, rank, rank))
-        self.register_buffer("rank1_row", torch.zeros(heads, rank))
-        self.register_buffer("rank1_col", torch.zeros(heads, rank))
-        self.values = nn.Parameter(torch.empty(self.num_values, value_dim))
-        self.register_buffer("virtual_to_slot",
-                             torch.zeros(self.expansion * self.num_values, dtype=torch.int32))
-        self.out_proj = nn.Linear(self.expansion * value_dim, width, bias=False)
-
-    def forward(self, x: torch.Tensor, history: Optional[torch.Tensor]) -> torch.Tensor:
-        """x [b, s, D]; history [b, <kernel, D]: earlier inputs, for the causal query conv.
-        The query side (conv, projection, norms, scores, top-k) runs in fp32 whatever the
-        weights' dtype, as in training, so a bf16 export selects what training selects."""
-        batch, seq, width = x.shape
-        query_in = x
-        if self.kernel > 0:
-            past = x.new_zeros(batch, self.kernel - 1, width)
-            if history is not None and history.shape[1]:
-                past = torch.cat((past, history), dim=1)[:, -(self.kernel - 1):]
-            window = upcast(torch.cat((past, x), dim=1).transpose(1, 2))           # [b, D, s+K-1]
-            query_in = F.conv1d(window, self.query_conv.weight.to(window.dtype),
-                                groups=width).transpose(1, 2)
-        tokens = query_in.reshape(batch * seq, width)
-        centring = partial(batch_normed, self.query_bn) if self.query_bn is not None else None
-        query = tucker_query(tokens, self.query_proj.weight, self.query_norm, centring)  # [t, 2, k]
-        s_row, s_col = tucker_key_scores(query, tucker_keys(self.keys, self.key_norm))
-        virtual_idx, scores = two_phase_topk(s_row, s_col, self.cores, self.rank1_row,
-                                             self.rank1_col, self.width, self.topk)
-        slot = self.virtual_to_slot[virtual_idx.view(batch * seq, -1)].long()        # [t, k]
-        pooled = lookup_pool(self.values, slot % self.num_values, slot // self.num_values,
-                             scores.reshape(batch * seq, -1, self.cores.shape[0]),
-                             self.expansion)                          # [t, e, w], values' dtype
-        return self.out_proj(pooled.flatten(1)).view(batch, seq, -1)
-
-
-class ProductKeyMemory(nn.Module):
-    """PKM (Lample et al. 2019): BatchNorm query, product-key top-k, softmax-weighted values."""
-
-    def __init__(self, config: UltraMemConfig):
-        super().__init__()
-        pkm, width = config.pkm, config.hidden_size
-        self.heads, self.topk, self.half = pkm["num_heads"], pkm["topk"], pkm["key_dim"] // 2
-        self.query_proj = nn.Linear(width, pkm["num_heads"] * pkm["key_dim"], bias=False)
-        self.query_bn = (nn.BatchNorm1d(pkm["num_heads"] * pkm["key_dim"])
-                         if pkm["query_batchnorm"] else nn.Identity())
-        self.keys = nn.Parameter(torch.empty(pkm["num_heads"], 2, pkm["num_keys"], self.half))
-        self.values = nn.Parameter(torch.empty(pkm["num_keys"] ** 2, width))
-
-    def forward(self, x: torch.Tensor, history: Optional[torch.Tensor] = None) -> torch.Tensor:
-        batch, seq, width = x.shape
-        flat = upcast(x.reshape(batch * seq, width))                              # fp32 query
-        query = batch_normed(self.query_bn, F.linear(flat, self.query_proj.weight.to(flat.dtype)))
-        s_first, s_second = product_key_scores(query.view(batch * seq, self.heads, 2, self.half),
-                                               self.keys)
-        rows, scores = product_key_topk(s_first, s_second, self.topk)             # [t, h, k]
-        weights = F.softmax(scores, dim=-1).to(self.values.dtype)
-        out = F.embedding_bag(rows.view(batch * seq, -1), self.values, mode="sum",
-                              per_sample_weights=weights.view(batch * seq, -1))
-        return out.view(batch, seq, width)
-
-
 class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then + ffn(norm(.)) [+ a memory output ending here]."""
 
@@ -220,14 +136,17 @@ class DecoderLayer(nn.Module):
                     else MLP(width, config.intermediate_size, config.hidden_act))
 
     def forward(self, x: torch.Tensor, rotary, mask: torch.Tensor, cache: Optional[Cache],
-                memory_out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (block output [b, s, D], the FFN's normed input [b, s, D], which a memory may read)."""
+                memories: Callable[[torch.Tensor], Optional[torch.Tensor]]) -> torch.Tensor:
+        """-> block output [b, s, D]. memories: the FFN's normed input [b, s, D] -> the output
+        of a memory span ending here (None if none), after starting the one that starts here
+        (a span i:i does both)."""
         x = x + self.self_attn(self.input_layernorm(x), rotary, mask, cache)
         ffn_input = self.post_attention_layernorm(x)
         out = self.mlp(ffn_input)
+        memory_out = memories(ffn_input)
         if memory_out is not None:
             out = out + memory_out
-        return x + out, ffn_input
+        return x + out
 
 
 class UltraMemPreTrainedModel(PreTrainedModel):
@@ -258,9 +177,11 @@ class UltraMemModel(UltraMemPreTrainedModel):
         self.embed_positions = (nn.Embedding(config.max_position_embeddings, width)
                                 if config.position_embedding == "learned_absolute" else None)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        memory = {"ultramem": UltraMemMemory, "pkm": ProductKeyMemory}.get(config.family)
+        memory = MEMORIES.get(config.family)
         spans = config.memory_spans if memory is not None else []
-        self.memories = nn.ModuleList(memory(config) for _ in spans)
+        self.memories = nn.ModuleList(memory(config, k) for k in range(len(spans)))
+        # UltraMemV2 / Memory+: the one table every memory reads (None for the other families)
+        self.memory_tables = shared_tables(config.family, getattr(config, config.family, None))
         self.span_starts = {start: k for k, (start, _) in enumerate(spans)}
         self.span_ends = {end: k for k, (_, end) in enumerate(spans)}
         self.norm = make_norm(config.normalization, width, config.norm_eps)
@@ -309,14 +230,16 @@ class UltraMemModel(UltraMemPreTrainedModel):
                   if self.embed_positions is None else None)
         mask = self._causal_mask(attention_mask, batch, seq, past, x)
         pending: dict[int, torch.Tensor] = {}
-        for index, layer in enumerate(self.layers):
-            end = self.span_ends.get(index)
-            x, ffn_input = layer(x, rotary, mask, cache,
-                                 pending.pop(end) if end is not None else None)
-            start = self.span_starts.get(index)
+
+        def memories(index: int, ffn_input: torch.Tensor) -> Optional[torch.Tensor]:
+            start, end = self.span_starts.get(index), self.span_ends.get(index)
             if start is not None:
                 history = self._memory_history(cache, start, ffn_input)
-                pending[start] = self.memories[start](ffn_input, history)
+                pending[start] = self.memories[start](ffn_input, history, self.memory_tables)
+            return pending.pop(end) if end is not None else None
+
+        for index, layer in enumerate(self.layers):
+            x = layer(x, rotary, mask, cache, partial(memories, index))
         return BaseModelOutputWithPast(last_hidden_state=self.norm(x), **{CACHE_FIELD: cache})
 
     @staticmethod
