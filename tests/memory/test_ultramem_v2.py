@@ -96,12 +96,14 @@ def test_layer_equals_brute_force_with_gradients(overrides):
     assert aux == 0   # the paper's V2 has no Tucker penalty
 
 
+@pytest.mark.parametrize("anchor", ["centre", "start"])
 @pytest.mark.parametrize("memory_layers, share_ratio", [(3, 1 / 3), (3, 0.5), (4, 1.0), (5, 0.3)])
-def test_ring_windows_address_every_slot_once(memory_layers, share_ratio):
+def test_ring_windows_address_every_slot_once(memory_layers, share_ratio, anchor):
     """Every virtual address of layer l maps to one (group, window row), each pair once; the
-    window is N' = floor(sqrt(rho N_all))^2 consecutive rows (mod N_all) from l n^2, so with
-    rho = 1/L the layers' windows tile the table."""
-    memory = v2_config(memory_layers=memory_layers, share_ratio=share_ratio,
+    window is N' = floor(sqrt(rho N_all))^2 consecutive rows (mod N_all) centred on layer l's
+    own n^2 rows (the paper) or starting at l n^2 (the code), so with rho = 1/L the layers'
+    windows tile the table."""
+    memory = v2_config(memory_layers=memory_layers, share_ratio=share_ratio, window_anchor=anchor,
                        value_projection="per_group")   # locate() keeps the groups apart
     n2, table = memory.num_keys ** 2, memory.table_rows
     window = math.isqrt(int(share_ratio * table + 1e-9)) ** 2
@@ -115,7 +117,8 @@ def test_ring_windows_address_every_slot_once(memory_layers, share_ratio):
         rows, groups = layer.values.locate(virtual)
         pairs = set(zip(groups.flatten().tolist(), rows.flatten().tolist()))
         assert len(pairs) == virtual.numel()
-        expected_rows = {(index * n2 + i) % table for i in range(window)}
+        first = index * n2 + ((n2 - window) // 2 if anchor == "centre" else 0)
+        expected_rows = {(first + i) % table for i in range(window)}
         assert set(rows.flatten().tolist()) == expected_rows
         assert set(groups.flatten().tolist()) == set(range(memory.expansion))
         read.append(expected_rows)

@@ -210,7 +210,9 @@ def hf_config(model: ModelConfig) -> dict:
         fields[model.family] = {**asdict(memory), "value_dim": memory.resolved_value_dim(hidden)}
     if model.family == "ultramem_v2":   # memory_layers is set by model.memory from the spans
         fields["ultramem_v2"].update(pre_value_dim=memory.resolved_pre_value_dim(hidden),
-                                     table_rows=memory.table_rows, window_keys=memory.window_keys)
+                                     table_rows=memory.table_rows, window_keys=memory.window_keys,
+                                     window_offsets=[memory.window_offset(layer) for layer
+                                                     in range(memory.memory_layers)])
     if model.family == "pkm":
         fields["pkm"] = asdict(model.pkm)
     elif model.family == "moe":

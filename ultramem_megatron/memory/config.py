@@ -143,6 +143,9 @@ class UltraMemV2Config(UltraMemConfig):
     query_per_rank: bool = True        # paper: rank k scores with q(row, k), q(col, k)
     value_projection: Literal["single", "per_group"] = "single"  # sum the E groups, one W_v
     share_ratio: float = 1.0           # rho: a layer's window is floor(sqrt(rho N_all))^2 rows
+    # where layer l's ring window sits: centred on its own n^2 rows (paper, Table 7) or
+    # starting at them (the released code)
+    window_anchor: Literal["centre", "start"] = "centre"
     # L_mem, set from model.memory_spans (N_all = L_mem n^2); the checks that need it wait for it
     memory_layers: Optional[int] = None
 
@@ -157,6 +160,8 @@ class UltraMemV2Config(UltraMemConfig):
                  "ultramem_v2.pre_value_activation must be 'none' or 'gelu'")
         _require(self.value_projection in ("single", "per_group"),
                  "ultramem_v2.value_projection must be 'single' or 'per_group'")
+        _require(self.window_anchor in ("centre", "start"),
+                 "ultramem_v2.window_anchor must be 'centre' or 'start'")
         super().__post_init__()
 
     def _check_selection(self) -> None:
@@ -186,6 +191,13 @@ class UltraMemV2Config(UltraMemConfig):
     def keys_per_axis(self) -> int:
         """K = e n': row (and column) keys of one layer."""
         return math.isqrt(self.expansion) * self.window_keys
+
+    def window_offset(self, layer: int) -> int:
+        """First table row of memory layer `layer`'s ring window (N' rows, mod N_all)."""
+        block = self.num_keys * self.num_keys
+        start = layer * block + ((block - self.num_values) // 2
+                                 if self.window_anchor == "centre" else 0)
+        return start % self.table_rows
 
     def resolved_pre_value_dim(self, hidden_size: int) -> int:
         dim = self.pre_value_dim

@@ -43,9 +43,9 @@ class CausalDepthwiseConv(nn.Module):
 
 
 def v2_readout(memory: UltraMemV2Config, hidden: int, layer_index: int) -> Readout:
-    """UltraMemV2's read of its items: the layer's ring window starts at row layer_index * n^2
-    of the shared table; pre-values; the E groups summed before one projection (or E of them)."""
-    return Readout(offset=layer_index * memory.num_keys ** 2,
+    """UltraMemV2's read of its items: the layer_index-th ring window of the shared table
+    (memory.window_offset); pre-values; the E groups summed before one projection (or E)."""
+    return Readout(offset=memory.window_offset(layer_index),
                    pre_value_dim=memory.resolved_pre_value_dim(hidden),
                    pre_activation=memory.pre_value_activation,
                    sum_groups=memory.value_projection == "single")

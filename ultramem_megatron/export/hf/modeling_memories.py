@@ -125,14 +125,15 @@ class UltraMemMemory(TuckerMemory):
 
 class UltraMemV2Memory(TuckerMemory):
     """UltraMemV2: UltraMem's retrieval (one query per Tucker rank by default) over the index-th
-    ring window of the shared table: row = (slot mod n'^2 + index n^2) mod N; each item's core
+    ring window of the shared table: row = (slot mod n'^2 + window_offsets[index]) mod N (the
+    window centred on, or starting at, the layer's own n^2 rows); each item's core
     scores times act(<P[row], W_pre x>); the E groups summed before one projection (or not)."""
 
     def __init__(self, config, index: int):
         mem = config.ultramem_v2
         super().__init__(mem, config.hidden_size, mem["window_keys"],
                          mem["tucker_rank"] if mem["query_per_rank"] else 1)
-        self.offset, self.table_rows = index * mem["num_keys"] ** 2, mem["table_rows"]
+        self.offset, self.table_rows = mem["window_offsets"][index], mem["table_rows"]
         self.pooled_groups = 1 if mem["value_projection"] == "single" else self.expansion
         self.gelu = mem["pre_value_activation"] == "gelu"
         self.pre_proj = (nn.Linear(config.hidden_size, mem["pre_value_dim"], bias=False)
