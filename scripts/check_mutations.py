@@ -131,9 +131,43 @@ MUTATIONS = {
     ),
     "value shards reduced as dense parameters (over all of data parallel)": (
         "ultramem_megatron/parallel/sharded_values.py",
-        "        self.values.allreduce = False\n",
-        "",
+        "                table.allreduce = False\n",
+        "                pass\n",
         TRAINING_TESTS,
+    ),
+    "UltraMemV2: pre-value dot products not summed over the memory-parallel ranks": (
+        "ultramem_megatron/parallel/sharded_values.py",
+        "if with_mp and self.layout.mp_size > 1:",
+        "if False:",
+        LAYER_TESTS,
+    ),
+    "UltraMemV2: every layer's window starts at row 0 (offset dropped)": (
+        "ultramem_megatron/memory/values.py",
+        "rows = (rows + self.readout.offset) % self.table_rows",
+        "rows = rows % self.table_rows",
+    ),
+    "UltraMemV2: every rank scored with rank 0's query": (
+        "ultramem_megatron/memory/selection.py",
+        "query[:, axis, i] @ keys",
+        "query[:, axis, 0] @ keys",
+    ),
+    "UltraMemV2: each layer a copy of the shared table": (
+        "ultramem_megatron/memory/values.py",
+        "self.values, self.pre_values = tables.values, tables.pre_values",
+        "self.values = nn.Parameter(tables.values.detach().clone())\n"
+        "            self.pre_values = (None if tables.pre_values is None else\n"
+        "                               nn.Parameter(tables.pre_values.detach().clone()))",
+    ),
+    "Memory+: the SiLU gate dropped": (
+        "ultramem_megatron/memory/values.py",
+        "pooled = pooled * gate.unsqueeze(1)",
+        "pooled = pooled",
+    ),
+    "export: UltraMemV2 windows start at index n^2 whatever the anchor": (
+        "ultramem_megatron/export/hf/modeling_memories.py",
+        'mem["window_offsets"][index]',
+        'index * mem["num_keys"] ** 2',
+        EXPORT_TESTS,
     ),
     "pipeline: spans and seeds placed by the stage's local block index": (
         "ultramem_megatron/model/specs.py",

@@ -1,14 +1,16 @@
-"""Single-device memory-layer math in plain PyTorch: UltraMem (TDQKR, MCS, IVE) and PKM."""
+"""Single-device memory math in plain PyTorch: UltraMem (TDQKR, MCS, IVE), UltraMemV2, Memory+, PKM."""
 
-from .config import MemoryConfigError, PKMConfig, UltraMemConfig
+from .config import MemoryConfigError, MemoryPlusConfig, PKMConfig, UltraMemConfig, UltraMemV2Config
 from .value_lr import is_value_param, mark_value_param, value_lr_multiplier
 
 __all__ = [
-    "MemoryConfigError", "PKMConfig", "UltraMemConfig", "UltraMemLayer", "ProductKeyMemory",
-    "lookup_pool", "is_value_param", "mark_value_param", "value_lr_multiplier",
+    "MemoryConfigError", "PKMConfig", "UltraMemConfig", "UltraMemV2Config", "MemoryPlusConfig",
+    "UltraMemLayer", "MemoryPlusLayer", "ProductKeyMemory", "lookup_pool", "is_value_param",
+    "mark_value_param", "value_lr_multiplier",
 ]
 
-_LAZY = {"UltraMemLayer": ".layer", "ProductKeyMemory": ".pkm", "lookup_pool": ".lookup"}
+_LAZY = {"UltraMemLayer": ".layer", "MemoryPlusLayer": ".memory_plus",
+         "ProductKeyMemory": ".pkm", "lookup_pool": ".lookup"}
 
 
 def __getattr__(name: str):

@@ -1,4 +1,4 @@
-"""Memory+ (Berges et al. 2024): product keys, softmax over the top-k, a shared table, a SiLU-gated output."""
+"""Memory+ (Berges et al. 2024): product keys, softmax over the top-k, one shared table, gated output."""
 
 # Axis legend
 #   s  sequence    b  micro-batch    t = s*b tokens    D  hidden size
