@@ -153,10 +153,20 @@ MUTATIONS = {
     ),
     "UltraMemV2: each layer a copy of the shared table": (
         "ultramem_megatron/memory/values.py",
-        "self.values, self.pre_values = tables.values, tables.pre_values",
-        "self.values = nn.Parameter(tables.values.detach().clone())\n"
-        "            self.pre_values = (None if tables.pre_values is None else\n"
-        "                               nn.Parameter(tables.pre_values.detach().clone()))",
+        "            self._shared = (tables,)\n",
+        "            self._shared = (__import__('copy').deepcopy(tables),)\n",
+    ),
+    "pipeline: the shared table's copies keep their own gradients (not summed over stages)": (
+        "ultramem_megatron/megatron_compat/pipeline.py",
+        "        sum_shared_table_grads(model_chunks)\n",
+        "",
+        ["tests/parallel/test_memory_families_training.py", "-k", "pipeline and ultramem_v2"],
+    ),
+    "pipeline: every stage's copy of the shared table in the gradient norm": (
+        "ultramem_megatron/parallel/sharded_values.py",
+        "table.shared = chunk > 0",
+        "table.shared = False",
+        ["tests/parallel/test_memory_families_training.py", "-k", "pipeline and ultramem_v2"],
     ),
     "Memory+: the SiLU gate dropped": (
         "ultramem_megatron/memory/values.py",

@@ -69,6 +69,22 @@ def test_yaml_keeps_spans_as_strings_and_reads_exponents_as_floats():
     (["model.family=pkm", "parallel.sequence_parallel=true"], "pkm family"),
     (["parallel.sequence_parallel=true", "model.ultramem.query_conv_kernel=4"],
      "query_conv_kernel"),
+    (["model.family=ultramem_v2", "model.memory_spans=all", "model.ultramem_v2.share_ratio=0"],
+     "share_ratio"),
+    (["model.family=ultramem_v2", "model.memory_spans=all", "model.ultramem_v2.topk=1000"],
+     r"model.ultramem_v2: .*topk"),
+    (["model.family=ultramem_v2", "model.memory_spans=all", "parallel.memory_parallel_size=3"],
+     r"splits D_v = 64 .* must be divisible by 3"),
+    (["model.family=ultramem_v2", "model.memory_spans=all", "model.ultramem_v2.pre_value_dim=30",
+      "parallel.memory_parallel_size=4"], r"splits D_p = 30 .* divisible by 4"),
+    (["model.family=memory_plus", "parallel.memory_parallel_mode=row",
+      "parallel.memory_parallel_size=3"], r"N = 1024 value rows over P = 3"),
+    (["model.family=memory_plus", "model.memory_plus.qk_norm=keys"], "qk_norm"),
+    (["model.family=memory_plus", "parallel.pipeline_model_parallel_size=2",
+      "parallel.overlap_grad_reduce=true"], "summed over the stages"),
+    (["model.family=memory_plus", "parallel.recompute_granularity=full",
+      "parallel.overlap_grad_reduce=true"], "shared value table again"),
+    (["model.memory_spans=2:1"], "0 <= i <= j"),
 ])
 def test_bad_config_names_the_problem(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -407,10 +407,11 @@ def _validate_memory_parallel(model: ModelConfig, parallel: ParallelConfig) -> N
         widths["D_p"] = memory.resolved_pre_value_dim(hidden)
     for name, width in widths.items():
         error = layout_error(parallel.memory_parallel_mode, rows, width,
-                             parallel.tensor_model_parallel_size, parallel.memory_parallel_size)
+                             parallel.tensor_model_parallel_size, parallel.memory_parallel_size,
+                             name)
         if error:
             raise ConfigError(f"parallel.memory_parallel_mode / memory_parallel_size / "
-                              f"tensor_model_parallel_size ({name}): {error}")
+                              f"tensor_model_parallel_size: {error}")
     if isinstance(memory, MemoryPlusConfig):
         return
     if parallel.sequence_parallel and memory.query_conv_kernel > 0:
@@ -514,10 +515,12 @@ def validate(config: RunConfig) -> None:
         model.memory   # UltraMemV2's checks that need the number of memory layers
     except MemoryConfigError as err:
         raise ConfigError(f"model.{needs}: {err}") from None
-    if model.shares_tables and parallel.pipeline_model_parallel_size > 1:
-        raise ConfigError(f"parallel.pipeline_model_parallel_size > 1 with model.family "
-                          f"{model.family!r}: its memory layers share one value table, which "
-                          f"would have to live on every stage (not supported)")
+    if model.shares_tables and parallel.pipeline_model_parallel_size > 1 and \
+            parallel.overlap_grad_reduce:
+        raise ConfigError(f"parallel.overlap_grad_reduce with pipeline parallelism and "
+                          f"model.family {model.family!r}: every stage holds a copy of the shared "
+                          f"value table, whose gradients are summed over the stages before the "
+                          f"data-parallel reduction, so that reduction cannot start early")
     if (model.shares_tables and parallel.recompute_granularity == "full"
             and parallel.overlap_grad_reduce):
         raise ConfigError(f"parallel.recompute_granularity=full with overlap_grad_reduce and "

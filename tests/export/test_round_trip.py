@@ -126,7 +126,7 @@ def test_shared_table_families_round_trip_from_a_trained_checkpoint(tmp_path, fa
         logits = load_hf(hf)(tokens).logits
     assert (logits - reference).abs().max().item() < 1e-4
     table = read_hf_dir(hf)[1]["model.memory_tables.values"]
-    assert not torch.equal(table, initial["decoder.layers.0.mlp.memory.values.values"])
+    assert not torch.equal(table, initial["memory_tables.values"])
 
     run_script("scripts/export_hf.py", "--import-hf", str(hf), "--out", str(tmp_path / "megatron"))
     run_script("scripts/export_hf.py", "--checkpoint", str(tmp_path / "megatron"),

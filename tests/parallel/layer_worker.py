@@ -94,6 +94,16 @@ def sliced(name: str, layer, reference) -> tuple[torch.Tensor, tuple]:
     return (...,)
 
 
+def parameters(layer) -> dict[str, torch.Tensor]:
+    """The layer's parameters and the shared tables it reads (which a model registers)."""
+    params = dict(layer.named_parameters())
+    if layer.values.shares_tables:
+        params["values.values"] = layer.values.values
+        if layer.values.pre_values is not None:
+            params["values.pre_values"] = layer.values.pre_values
+    return params
+
+
 def check_layout(family: str, tp: int, mp: int, mode: str, sp: bool, overlap: bool) -> dict:
     ps.destroy_model_parallel()
     megatron_compat.initialize_distributed(tp, seed=0, memory_parallel_size=mp)
@@ -131,8 +141,8 @@ def check_layout(family: str, tp: int, mp: int, mode: str, sp: bool, overlap: bo
                                                          if sp else [])}
     errors = {"output": max_error(out, ref_out[seq, batch]), "aux_loss": max_error(aux, ref_aux),
               "input_grad": max_error(local_in.grad, ref_in.grad[seq, batch])}
-    ref_params = dict(reference.named_parameters())
-    for name, param in layer.named_parameters():
+    ref_params = parameters(reference)
+    for name, param in parameters(layer).items():
         cut = sliced(name, layer, reference)
         kind = ("table" if name in ("values.values", "values.pre_values") else
                 "tp_split" if name.startswith("values.") else "other")

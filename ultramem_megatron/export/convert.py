@@ -75,7 +75,10 @@ def rule_for(key: str, model: ModelConfig) -> Rule:
     """The rule of one megatron state-dict key (see the key list in docs/export.md)."""
     top = {"embedding.word_embeddings.weight": "model.embed_tokens.weight",
            "embedding.position_embeddings.weight": "model.embed_positions.weight",
-           "output_layer.weight": "lm_head.weight"}
+           "output_layer.weight": "lm_head.weight",
+           # the table(s) every UltraMemV2 / Memory+ memory reads, held once by the model
+           "memory_tables.values": "model.memory_tables.values",
+           "memory_tables.pre_values": "model.memory_tables.pre_values"}
     if key in top:
         return _same(top[key])
     if key.startswith("decoder.final_layernorm."):
@@ -108,11 +111,6 @@ def rule_for(key: str, model: ModelConfig) -> Rule:
     raise ConversionError(f"no export rule for megatron tensor {key!r}")
 
 
-# The tables every UltraMemV2 / Memory+ memory reads: one HF tensor for all their megatron keys.
-SHARED_TABLES = {"values.values": "model.memory_tables.values",
-                 "values.pre_values": "model.memory_tables.pre_values"}
-
-
 def _memory_rule(name: str, layer: int, model: ModelConfig) -> Rule:
     starts = {start: k for k, (start, _) in enumerate(model.active_spans())}
     if layer not in starts:
@@ -121,8 +119,6 @@ def _memory_rule(name: str, layer: int, model: ModelConfig) -> Rule:
     hf = f"model.memories.{starts[layer]}"
     if model.family == "pkm":
         return _same(f"{hf}.{name}")
-    if model.shares_tables and name in SHARED_TABLES:
-        return _same(SHARED_TABLES[name])
     if name == "values.out_proj.weight":
         return _flat_projection(f"{hf}.out_proj.weight", _projected_groups(model))
     for prefix in ("retrieval.", "values."):
@@ -147,22 +143,13 @@ def exported_keys(megatron_keys) -> list[str]:
 
 
 def to_hf(state_dict: dict[str, Tensor], model: ModelConfig) -> dict[str, Tensor]:
-    """megatron (TP = 1) state dict -> HF state dict (contiguous tensors, safetensors-ready).
-    A table shared by every memory layer (one tensor under each layer's key) is written once."""
+    """megatron (TP = 1) state dict -> HF state dict (contiguous tensors, safetensors-ready)."""
     out: dict[str, Tensor] = {}
     for key in exported_keys(state_dict):
         rule = rule_for(key, model)
         for hf_key, tensor in zip(rule.hf_keys, rule.split(state_dict[key])):
-            tensor = tensor.detach().contiguous()
-            if hf_key in out and not _same_tensor(out[hf_key], tensor):
-                raise ConversionError(f"megatron tensor {key} differs from the other memory "
-                                      f"layers' {hf_key}, which they all share")
-            out[hf_key] = tensor
+            out[hf_key] = tensor.detach().contiguous()
     return out
-
-
-def _same_tensor(a: Tensor, b: Tensor) -> bool:
-    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape) or torch.equal(a, b)
 
 
 def from_hf(hf_state: dict[str, Tensor], template: dict[str, Tensor], model: ModelConfig

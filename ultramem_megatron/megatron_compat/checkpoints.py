@@ -22,20 +22,14 @@ def _chunks(model) -> list:
 
 def load_model_state(model, state_dict: dict) -> None:
     """model.load_state_dict (each chunk's from its entry of model_sharded_state_dict), strict
-    except for the TE `_extra_state` entries checkpoints leave out (drop_extra_state) and the
-    other names of a parameter registered under several (a shared memory table, saved once):
-    any other missing or unexpected key is an error."""
+    except for the TE `_extra_state` entries checkpoints leave out (drop_extra_state): any
+    other missing or unexpected key is an error."""
     chunks = _chunks(model)
     states = [state_dict] if len(chunks) == 1 else [state_dict[f"chunk{i}"]
                                                      for i in range(len(chunks))]
     for chunk, state in zip(chunks, states):
         result = chunk.load_state_dict(state, strict=False)
-        loaded = {id(p) for name, p in chunk.named_parameters(remove_duplicate=False)
-                  if name in state}
-        aliases = {name for name, p in chunk.named_parameters(remove_duplicate=False)
-                   if id(p) in loaded and name not in state}
-        missing = [k for k in result.missing_keys
-                   if not k.endswith("_extra_state") and k not in aliases]
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
         if missing or result.unexpected_keys:
             raise RuntimeError(f"checkpoint does not fit the model: missing {missing}, "
                                f"unexpected {result.unexpected_keys}")

@@ -132,4 +132,31 @@ def set_chunk_sync_funcs(config, ddp_chunks: list, overlap_grad_reduce: bool) ->
         grad_sync = [chunk.start_grad_sync for chunk in ddp_chunks]
         config.grad_sync_func = grad_sync[0] if len(grad_sync) == 1 else grad_sync
     config.param_sync_func = None
-    config.finalize_model_grads_func = finalize_model_grads
+
+    def finalize(model_chunks, *args, **kwargs):
+        sum_shared_table_grads(model_chunks)
+        return finalize_model_grads(model_chunks, *args, **kwargs)
+
+    config.finalize_model_grads_func = finalize
+
+
+def sum_shared_table_grads(model_chunks: list) -> None:
+    """Every model chunk (on every pipeline stage) holds a copy of a shared memory table
+    (UltraMemV2, Memory+; parameters marked `shared_memory_table`): give each copy the sum of
+    all copies' gradients before megatron's data-parallel reduction, as megatron does for tied
+    embeddings, so the copies take the same optimizer steps. Needs the reduction not started yet
+    (config validation refuses overlap_grad_reduce here). Nothing to do with one copy."""
+    copies: dict[str, list] = {}
+    for chunk in model_chunks:
+        for name, param in chunk.named_parameters():
+            if getattr(param, "shared_memory_table", False):
+                copies.setdefault(name.rpartition(".")[2], []).append(param)
+    if not copies or (_pipeline_size() == 1 and all(len(c) == 1 for c in copies.values())):
+        return
+    for params in copies.values():   # the same names, in the same order, on every stage
+        grads = [param.main_grad for param in params]
+        total = torch.stack(grads).sum(0) if len(grads) > 1 else grads[0].clone()
+        if _pipeline_size() > 1:
+            dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+        for grad in grads:
+            grad.copy_(total)

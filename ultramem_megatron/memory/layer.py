@@ -19,7 +19,7 @@ from .retrieval import TokenSum, TuckerRetrieval
 from .selection import upcast
 from .usage import UsageTracker
 from .value_lr import mark_value_param
-from .tables import MemoryTables
+from .tables import MemoryTables, TablesShape
 from .values import ImplicitValueExpansion, Readout
 
 
@@ -51,14 +51,19 @@ def v2_readout(memory: UltraMemV2Config, hidden: int, layer_index: int) -> Reado
                    sum_groups=memory.value_projection == "single")
 
 
+def v2_tables_shape(memory: UltraMemV2Config, config: TransformerConfig) -> TablesShape:
+    """UltraMemV2's shared value and pre-value tables: N_all rows, D_v, D_p, the rule's stds."""
+    hidden = config.hidden_size
+    stds = v2_table_stds(memory, hidden, config.ffn_hidden_size, config.num_layers, memory.init)
+    return TablesShape(memory.table_rows, memory.resolved_value_dim(hidden),
+                       memory.resolved_pre_value_dim(hidden), stds)
+
+
 def v2_tables(memory: UltraMemV2Config, config: TransformerConfig, seed: int, **slices
               ) -> MemoryTables:
     """The value and pre-value tables UltraMemV2's layers share, drawn from `seed`."""
-    hidden = config.hidden_size
-    stds = v2_table_stds(memory, hidden, config.ffn_hidden_size, config.num_layers, memory.init)
-    return MemoryTables.build(memory.table_rows, memory.resolved_value_dim(hidden),
-                              memory.resolved_pre_value_dim(hidden), stds, seed,
-                              config.params_dtype, **slices)
+    return MemoryTables.build(v2_tables_shape(memory, config), seed, config.params_dtype,
+                              **slices)
 
 
 def own_v2_tables(memory: UltraMemV2Config, config: TransformerConfig) -> MemoryTables:
@@ -100,8 +105,9 @@ class UltraMemLayer(MegatronModule):
                       hidden, memory.shuffle_seed, dtype)
         value_kwargs = {"kernel": memory.kernel}
         if isinstance(memory, UltraMemV2Config):  # layer_index-th window of the shared table
-            value_kwargs.update(tables=tables or own_v2_tables(memory, config),
-                                readout=v2_readout(memory, hidden, layer_index))
+            if tables is None:   # built alone: tables of its own, registered here
+                self.own_tables = tables = own_v2_tables(memory, config)
+            value_kwargs.update(tables=tables, readout=v2_readout(memory, hidden, layer_index))
         self.values = (build_module(values, *value_args, **value_kwargs) if values is not None
                        else ImplicitValueExpansion(*value_args, **value_kwargs))
         mark_value_param(self.values.values)

@@ -22,18 +22,23 @@ from torch import nn
 from .config import MemoryPlusConfig
 from .init import draw_slice
 from .selection import normed, product_key_scores, product_key_topk, upcast
-from .tables import MemoryTables
+from .tables import MemoryTables, TablesShape
 from .usage import UsageTracker
 from .values import ImplicitValueExpansion, Readout
 
 READOUT = Readout(gate=True, shuffle=False)   # row = product-key index; one group; gated output
 
 
+def memory_plus_tables_shape(memory: MemoryPlusConfig, config: TransformerConfig) -> TablesShape:
+    """The one value table every Memory+ layer reads: n^2 rows of D_v, N(0, 1/D_v) (Meta's)."""
+    width = memory.resolved_value_dim(config.hidden_size)
+    return TablesShape(memory.num_values, width, 0, (width ** -0.5, 0.0))
+
+
 def memory_plus_tables(memory: MemoryPlusConfig, config: TransformerConfig, seed: int, **slices
                        ) -> MemoryTables:
-    """The one value table every Memory+ layer reads, N(0, 1/D_v) (Meta's init), from `seed`."""
-    width = memory.resolved_value_dim(config.hidden_size)
-    return MemoryTables.build(memory.num_values, width, 0, (width ** -0.5, 0.0), seed,
+    """The table every Memory+ layer reads, drawn from `seed`."""
+    return MemoryTables.build(memory_plus_tables_shape(memory, config), seed,
                               config.params_dtype, **slices)
 
 
@@ -62,7 +67,9 @@ class MemoryPlusLayer(MegatronModule):
         if config.sequence_parallel:
             for param in self.parameters():
                 param.sequence_parallel = True
-        tables = tables or memory_plus_tables(memory, config, int(torch.randint(0, 2 ** 40, ())))
+        if tables is None:   # built alone: a table of its own, registered here
+            self.own_tables = tables = memory_plus_tables(memory, config,
+                                                          int(torch.randint(0, 2 ** 40, ())))
         value_args = (memory.num_values, tables.value_dim, 1, hidden, 0, dtype)
         value_kwargs = {"kernel": memory.kernel, "tables": tables, "readout": READOUT}
         self.values = (build_module(values, *value_args, **value_kwargs) if values is not None

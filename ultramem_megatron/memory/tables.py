@@ -5,11 +5,12 @@
 #
 # UltraMemV2 keeps one [N_all, D_v] value table (and a [N_all, D_p] pre-value table) for all its
 # layers, each reading a ring window of it; Memory+ keeps one [n^2, D_v] table all its layers read.
-# MemoryTables holds this rank's slice of them; every layer's value module registers the same
-# Parameter objects (so the optimizer, DDP and bf16 casts see one tensor, which autograd
-# accumulates into from every layer) and the first one built saves them in checkpoints.
+# MemoryTables holds this rank's slice of them. The model registers it once (`memory_tables`), so
+# the optimizer, DDP, bf16 casts and checkpoints see one tensor, which autograd accumulates into
+# from every layer; the layers' value modules read it without registering it. A layer built on
+# its own registers tables of its own.
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -56,42 +57,47 @@ def fill_table(table: torch.Tensor, part: TableSlice, total_rows: int, total_col
             full[lo - first:hi - first, part.col_start:part.col_start + part.cols])
 
 
-@dataclass
-class MemoryTables:
-    """This rank's slices of the shared value table [rows, value_dim] and pre-value table
-    [rows, pre_value_dim] (none when pre_value_dim is 0), drawn once from `seed`."""
+@dataclass(frozen=True)
+class TablesShape:
+    """What a family's shared tables are: rows, widths (pre_value_dim 0: none), init stds."""
 
     rows: int
     value_dim: int
     pre_value_dim: int
-    value_slice: TableSlice
-    pre_slice: Optional[TableSlice]
-    values: nn.Parameter = field(init=False)
-    pre_values: Optional[nn.Parameter] = field(init=False)
-    owner: Optional[int] = field(init=False, default=None)   # id() of the module that saves them
+    stds: tuple[float, float]
+
+
+class MemoryTables(nn.Module):
+    """This rank's slices of the shared value table [rows, value_dim] and pre-value table
+    [rows, pre_value_dim] (none when pre_value_dim is 0), drawn once from `seed` (build)."""
+
+    def __init__(self, rows: int, value_dim: int, pre_value_dim: int, value_slice: TableSlice,
+                 pre_slice: Optional[TableSlice], dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.rows, self.value_dim, self.pre_value_dim = rows, value_dim, pre_value_dim
+        self.value_slice, self.pre_slice = value_slice, pre_slice if pre_value_dim else None
+        self.values = _table(value_slice, dtype, device)
+        self.pre_values = _table(pre_slice, dtype, device) if pre_value_dim else None
 
     @classmethod
-    def build(cls, rows: int, value_dim: int, pre_value_dim: int, stds: tuple[float, float],
-              seed: int, dtype: torch.dtype = torch.float32, device=None,
-              value_slice: Optional[TableSlice] = None, pre_slice: Optional[TableSlice] = None
-              ) -> "MemoryTables":
+    def build(cls, shape: TablesShape, seed: int, dtype: torch.dtype = torch.float32,
+              device=None, value_slice: Optional[TableSlice] = None,
+              pre_slice: Optional[TableSlice] = None) -> "MemoryTables":
         """The tables (whole by default), values N(0, stds[0]^2) and pre-values N(0, stds[1]^2)."""
-        value_slice = value_slice or TableSlice.whole(rows, value_dim)
-        if pre_value_dim and pre_slice is None:
-            pre_slice = TableSlice.whole(rows, pre_value_dim)
-        tables = cls(rows, value_dim, pre_value_dim, value_slice, pre_slice if pre_value_dim else None)
-        tables.values = _table(value_slice, dtype, device)
-        fill_table(tables.values, value_slice, rows, value_dim, stds[0], seed)
-        tables.pre_values = _table(pre_slice, dtype, device) if pre_value_dim else None
-        if pre_value_dim:
-            fill_table(tables.pre_values, pre_slice, rows, pre_value_dim, stds[1], seed + (1 << 40))
+        value_slice = value_slice or TableSlice.whole(shape.rows, shape.value_dim)
+        if shape.pre_value_dim and pre_slice is None:
+            pre_slice = TableSlice.whole(shape.rows, shape.pre_value_dim)
+        tables = cls(shape.rows, shape.value_dim, shape.pre_value_dim, value_slice, pre_slice,
+                     dtype, device)
+        tables.reset_parameters(shape.stds, seed)
         return tables
 
-    def claim(self, module: nn.Module) -> bool:
-        """True for the first module that asks: it saves the tables in checkpoints."""
-        if self.owner is None:
-            self.owner = id(module)
-        return self.owner == id(module)
+    @torch.no_grad()
+    def reset_parameters(self, stds: tuple[float, float], seed: int) -> None:
+        fill_table(self.values, self.value_slice, self.rows, self.value_dim, stds[0], seed)
+        if self.pre_values is not None:
+            fill_table(self.pre_values, self.pre_slice, self.rows, self.pre_value_dim, stds[1],
+                       seed + (1 << 40))
 
 
 def _table(part: TableSlice, dtype: torch.dtype, device) -> nn.Parameter:

@@ -70,7 +70,7 @@ class InitLaterLinear(nn.Linear):
 class ImplicitValueExpansion(nn.Module):
     """values [n, d] seen as E reparameterized tables; output = sum_p W_p^T (pooled group p).
 
-    Single-device: holds the whole table, or registers the model's shared `tables`. A parallel
+    Single-device: holds the whole table, or reads the model's shared `tables`. A parallel
     wrapper subclasses it with a TableSlice and overrides dispatch(); everything else
     (addressing, pre-values, projection, permutation) is shared.
     """
@@ -89,14 +89,13 @@ class ImplicitValueExpansion(nn.Module):
         self.pooled_groups = 1 if readout.sum_groups else expansion
         if tables is None:  # a table of its own
             self.table_slice = table_slice or TableSlice.whole(num_values, value_dim)
-            self.table_rows, self.owns_tables = num_values, True
+            self.table_rows = num_values
             self.values = nn.Parameter(torch.empty(self.table_slice.rows, self.table_slice.cols,
                                                    dtype=dtype, device=device))
             self.pre_values = None
-        else:
+        else:  # shared tables: read, not registered (their owner holds them once)
             self.table_slice, self.table_rows = tables.value_slice, tables.rows
-            self.owns_tables = tables.claim(self)
-            self.values, self.pre_values = tables.values, tables.pre_values
+            self._shared = (tables,)
         part = self.table_slice
         self.out_proj = ExpansionProjection(hidden_size, self.pooled_groups, part.proj_cols,
                                             dtype, device)
@@ -112,6 +111,17 @@ class ImplicitValueExpansion(nn.Module):
                                                             dtype=torch.int32, device=device)
                              if readout.shuffle else None)
         self.reset_permutation()
+
+    def __getattr__(self, name: str):
+        """`values` / `pre_values`: the shared tables' when this module reads shared ones."""
+        shared = self.__dict__.get("_shared")
+        if shared is not None and name in ("values", "pre_values"):
+            return getattr(shared[0], name)
+        return super().__getattr__(name)
+
+    @property
+    def shares_tables(self) -> bool:
+        return "_shared" in self.__dict__
 
     @torch.no_grad()
     def reset_permutation(self) -> None:

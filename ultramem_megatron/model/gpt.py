@@ -102,8 +102,9 @@ class MemoryGPT(GPTModel):
                  stage: Optional[megatron_compat.Stage] = None, init_seed: int = 0):
         stage = stage or megatron_compat.single_stage()
         self.memory_bus = MemoryBus()  # plain attribute, shared with the wrapped FFNs
-        # UltraMemV2 / Memory+: one table all memory layers register (the first saves it).
-        tables = shared_tables(model, parallel, config, (init_seed << 16) + 0xFFFF)
+        # UltraMemV2 / Memory+: one table all memory layers read, registered here once.
+        chunk = (stage.vp_stage or 0) * config.pipeline_model_parallel_size + stage.pp_rank
+        tables = shared_tables(model, parallel, config, (init_seed << 16) + 0xFFFF, chunk)
         spec = decoder_block_spec(model, parallel, config, self.memory_bus,
                                   use_transformer_engine, stage, init_seed, tables)
         # The embedding is drawn first, the output layer after the last block (seeded by its
@@ -121,6 +122,8 @@ class MemoryGPT(GPTModel):
             post_process=stage.post_process,
             **({"vp_stage": stage.vp_stage} if stage.vp_stage is not None else {}),
         )
+        if tables is not None:
+            self.memory_tables = tables
         if config.tensor_model_parallel_size > 1:
             self._sync_tp_replicated_memory_params()
         self._track_residual_after_spans()

@@ -10,31 +10,30 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from .. import megatron_compat
 from ..config import ModelConfig, ParallelConfig
 from ..memory import ProductKeyMemory, UltraMemLayer
-from ..memory.layer import v2_tables
-from ..memory.memory_plus import MemoryPlusLayer, memory_plus_tables
+from ..memory.layer import v2_tables_shape
+from ..memory.memory_plus import MemoryPlusLayer, memory_plus_tables_shape
 from ..memory.tables import MemoryTables
 from ..parallel.comm import token_sum_over
 from ..parallel.layout import MemoryParallelLayout
-from ..parallel.sharded_values import ShardedValueExpansion
+from ..parallel.sharded_values import ShardedMemoryTables, ShardedValueExpansion
 from .skip_memory import MemoryBus, SkipMemoryMLP, SkipMemorySubmodules
 
 
 def shared_tables(model: ModelConfig, parallel: ParallelConfig, config: TransformerConfig,
-                  seed: int) -> Optional[MemoryTables]:
+                  seed: int, chunk: int = 0) -> Optional[ShardedMemoryTables]:
     """The value (and pre-value) table every memory layer of an UltraMemV2 or Memory+ model
-    reads, this rank's slice of it, drawn from `seed` whatever the layout; None otherwise."""
+    reads, this rank's slice of it, drawn from `seed` whatever the layout; model chunk `chunk`
+    (global index: vp_stage x PP + pp_rank) holds a copy. None for the other families."""
     if not model.shares_tables:
         return None
-    memory = model.memory
+    shape = (memory_plus_tables_shape if model.family == "memory_plus" else v2_tables_shape)(
+        model.memory, config)
     layout = MemoryParallelLayout.from_parallel_state(parallel.memory_parallel_mode,
                                                       config.sequence_parallel)
-    hidden = model.hidden_size
-    if model.family == "memory_plus":
-        slices = layout.table_slices(memory.num_values, memory.resolved_value_dim(hidden))
-        return memory_plus_tables(memory, config, seed, **slices)
-    slices = layout.table_slices(memory.table_rows, memory.resolved_value_dim(hidden),
-                                 memory.resolved_pre_value_dim(hidden))
-    return v2_tables(memory, config, seed, **slices)
+    tables = ShardedMemoryTables(layout, chunk, shape.rows, shape.value_dim, shape.pre_value_dim,
+                                 config.params_dtype)
+    tables.reset_parameters(shape.stds, seed)
+    return tables
 
 
 def memory_spec(model: ModelConfig, parallel: ParallelConfig, config: TransformerConfig,

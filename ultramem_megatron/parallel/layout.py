@@ -19,16 +19,18 @@ Mode = Literal["value_dim", "row"]
 MODES = ("value_dim", "row")
 
 
-def layout_error(mode: str, num_values: int, value_dim: int, tp_size: int, mp_size: int
-                 ) -> Optional[str]:
-    """Why a table cannot be sharded this way (None when it can)."""
+def layout_error(mode: str, num_values: int, value_dim: int, tp_size: int, mp_size: int,
+                 width_name: str = "D_v") -> Optional[str]:
+    """Why a table cannot be sharded this way (None when it can); width_name: what its
+    value_dim columns are called (D_v, or UltraMemV2's pre-value D_p)."""
     if mode not in MODES:
         return f"memory-parallel mode must be one of {MODES}, got {mode!r}"
     if mode == "value_dim" and value_dim % (tp_size * mp_size):
-        return (f"value_dim mode splits D_v = {value_dim} over TP x P = {tp_size} x {mp_size} "
-                f"ranks: it must be divisible by {tp_size * mp_size}")
+        return (f"value_dim mode splits {width_name} = {value_dim} over TP x P = {tp_size} x "
+                f"{mp_size} ranks: it must be divisible by {tp_size * mp_size}")
     if mode == "row" and value_dim % tp_size:
-        return f"D_v = {value_dim} must be divisible by the tensor-parallel size {tp_size}"
+        return (f"{width_name} = {value_dim} must be divisible by the tensor-parallel size "
+                f"{tp_size}")
     if mode == "row" and num_values % mp_size:
         return (f"row mode splits the N = {num_values} value rows over P = {mp_size} ranks: "
                 f"N must be divisible by P")

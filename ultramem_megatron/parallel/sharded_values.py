@@ -55,13 +55,12 @@ class ShardedValueExpansion(ImplicitValueExpansion):
                          device, table_slice=own_slice, kernel=kernel, tables=tables,
                          readout=readout)
         self.layout, self.overlap = layout, overlap
-        # Every TP rank's slice is distinct (so each counts in the gradient norm): the tables
-        # and the projections are split along their D_v (D_p) axis over TP. The tables are
-        # expert-style parameters: DDP reduces them over the ranks holding the same shard.
-        for table in (self.values, self.pre_values):
-            if table is not None and not hasattr(table, "tensor_model_parallel"):  # shared: once
-                table.allreduce = False
-                set_tensor_model_parallel_attributes(table, True, 1, 1)
+        # Every TP rank's slice is distinct (so each counts in the gradient norm): the table
+        # and the projections are split along their D_v (D_p) axis over TP. The table is an
+        # expert-style parameter: DDP reduces it over the ranks holding the same shard.
+        if not self.shares_tables:   # ShardedMemoryTables marks shared ones
+            self.values.allreduce = False
+            set_tensor_model_parallel_attributes(self.values, True, 1, 1)
         set_tensor_model_parallel_attributes(self.out_proj.weight, True, 2, 1)
         for proj in (self.pre_proj, self.gate_proj):
             if proj is not None:
@@ -222,17 +221,11 @@ class ShardedValueExpansion(ImplicitValueExpansion):
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
                            metadata: dict | None = None) -> dict:
-        """Global [N, D_v] values (and [N, D_p] pre-values), [D, E, D_v] projection (and the
-        [D_p, D] / [D_v, D] pre-value and gate projections) with this rank's offsets, so a
-        checkpoint loads at any (TP, P, mode); the permutation is replicated. Shared tables are
-        saved by the module that owns them (the first memory layer) only."""
+        """Global [N, D_v] values, [D, E, D_v] projection (and the [D_p, D] / [D_v, D]
+        pre-value and gate projections) with this rank's offsets, so a checkpoint loads at any
+        (TP, P, mode); the permutation is replicated. Shared tables are saved by their owner
+        (ShardedMemoryTables)."""
         layout, prepend = self.layout, len(sharded_offsets)
-        if layout.mode == "row":
-            table_axes = [(prepend, layout.mp_rank, layout.mp_size),
-                          (prepend + 1, layout.tp_rank, layout.tp_size)]
-        else:
-            table_axes = [(prepend + 1, layout.tp_rank * layout.mp_size + layout.mp_rank,
-                           layout.tp_size * layout.mp_size)]
 
         def sharded(name: str, tensor: torch.Tensor, axes: list, replica_id: tuple):
             return ShardedTensor.from_rank_offsets(f"{prefix}{name}", tensor, *sharded_offsets,
@@ -243,12 +236,9 @@ class ShardedValueExpansion(ImplicitValueExpansion):
         state = {"out_proj.weight": sharded("out_proj.weight", self.out_proj.weight,
                                             [(prepend + 2, layout.tp_rank, layout.tp_size)],
                                             dense_tp)}
-        if self.owns_tables:
-            state["values"] = sharded("values", self.values, table_axes,
+        if not self.shares_tables:
+            state["values"] = sharded("values", self.values, table_axes(layout, prepend),
                                       (0, 0, layout.expert_dp_rank))
-            if self.pre_values is not None:
-                state["pre_values"] = sharded("pre_values", self.pre_values, table_axes,
-                                              (0, 0, layout.expert_dp_rank))
         for name, proj in (("pre_proj", self.pre_proj), ("gate_proj", self.gate_proj)):
             if proj is not None:
                 state[f"{name}.weight"] = sharded(f"{name}.weight", proj.weight,
@@ -258,3 +248,40 @@ class ShardedValueExpansion(ImplicitValueExpansion):
             state["virtual_to_slot"] = sharded("virtual_to_slot", self.virtual_to_slot, [],
                                                (0, layout.tp_rank, layout.dp_rank))
         return {f"{prefix}{name}": value for name, value in state.items()}
+
+
+def table_axes(layout: MemoryParallelLayout, prepend: int) -> list[tuple[int, int, int]]:
+    """How a [N, D] table is cut over TP x MP: (axis, shard, shards) for from_rank_offsets."""
+    if layout.mode == "row":
+        return [(prepend, layout.mp_rank, layout.mp_size),
+                (prepend + 1, layout.tp_rank, layout.tp_size)]
+    return [(prepend + 1, layout.tp_rank * layout.mp_size + layout.mp_rank,
+             layout.tp_size * layout.mp_size)]
+
+
+class ShardedMemoryTables(MemoryTables):
+    """The shared value / pre-value tables of a model chunk, this rank's slices, with the
+    checkpoint layout of UltraMem's table. Every pipeline chunk holds a copy (its layers read it):
+    the copies' gradients are summed (megatron_compat.sum_shared_table_grads), only the first
+    chunk's counts in the gradient norm, and only its copy is saved; every copy loads."""
+
+    def __init__(self, layout: MemoryParallelLayout, chunk: int, rows: int, value_dim: int,
+                 pre_value_dim: int, dtype: torch.dtype = torch.float32, device=None):
+        slices = layout.table_slices(rows, value_dim, pre_value_dim)
+        super().__init__(rows, value_dim, pre_value_dim, slices["value_slice"],
+                         slices["pre_slice"], dtype, device)
+        self.layout, self.chunk = layout, chunk
+        for table in self.parameters():
+            table.allreduce = False   # expert-style: reduced over the ranks holding this shard
+            set_tensor_model_parallel_attributes(table, True, 1, 1)
+            table.shared = chunk > 0  # megatron leaves `shared` copies out of the grad norm
+            table.shared_memory_table = True
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: dict | None = None) -> dict:
+        axes = table_axes(self.layout, len(sharded_offsets))
+        return {f"{prefix}{name}": ShardedTensor.from_rank_offsets(
+                    f"{prefix}{name}", table, *sharded_offsets, *axes,
+                    replica_id=(self.chunk, 0, self.layout.expert_dp_rank),
+                    prepend_axis_num=len(sharded_offsets))
+                for name, table in self.named_parameters()}
