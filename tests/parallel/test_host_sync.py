@@ -169,6 +169,25 @@ def test_single_device_layer_makes_no_host_sync(extra):
     assert run_tiny(tiny_layer(**extra)) == []
 
 
+@pytest.mark.parametrize("family", ["ultramem_v2", "memory_plus"])
+def test_new_families_make_no_host_sync(family):
+    """UltraMemV2 (pre-values, ring window of a shared table) and Memory+ (product keys,
+    softmax, gate), each layer with tables of its own."""
+    from tests.conftest import transformer_config
+    from ultramem_megatron.memory import (MemoryPlusConfig, MemoryPlusLayer, UltraMemLayer,
+                                          UltraMemV2Config)
+
+    torch.manual_seed(0)
+    config = transformer_config(hidden_size=16)
+    if family == "memory_plus":
+        layer = MemoryPlusLayer(config, MemoryPlusConfig(num_keys=4, key_dim=8, topk=3))
+    else:
+        layer = UltraMemLayer(config, UltraMemV2Config(
+            num_keys=4, key_dim=8, topk=3, value_dim=12, pre_value_dim=6, expansion=4,
+            memory_layers=3, share_ratio=0.5, key_balance_weight=0.1), layer_index=2)
+    assert run_tiny(layer) == []
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_layer_never_synchronises():
     """CUDA's sync detector (which also sees syncs inside kernels' host code) over the
@@ -240,9 +259,13 @@ def test_stale_aux_cache_is_a_counted_sync():
 
 # -------------------------------------------------------------------------- under torchrun
 
-LAYOUTS = [  # (TP, P, mode, sequence parallel) -> syncs per forward
-    ((1, 1, "value_dim", False), 0), ((2, 1, "value_dim", False), 0),
-    ((2, 1, "value_dim", True), 0), ((1, 2, "value_dim", False), 0), ((1, 2, "row", False), 1),
+LAYOUTS = [  # (family, TP, P, mode, sequence parallel) -> syncs per forward
+    (("ultramem", 1, 1, "value_dim", False), 0), (("ultramem", 2, 1, "value_dim", False), 0),
+    (("ultramem", 2, 1, "value_dim", True), 0), (("ultramem", 1, 2, "value_dim", False), 0),
+    (("ultramem", 1, 2, "row", False), 1),
+    (("ultramem_v2", 2, 1, "value_dim", True), 0), (("ultramem_v2", 1, 2, "value_dim", False), 0),
+    (("ultramem_v2", 1, 2, "row", False), 1), (("memory_plus", 1, 2, "value_dim", False), 0),
+    (("memory_plus", 1, 2, "row", False), 1),
 ]
 
 
@@ -262,7 +285,7 @@ def test_sharded_layers_make_only_the_documented_host_syncs(tmp_path):
             assert [tuple(e) for e in record["events"]] == [("forward", "tolist")] * syncs, record
 
 
-def count_layout(tp: int, mp: int, mode: str, sp: bool) -> list:
+def count_layout(family: str, tp: int, mp: int, mode: str, sp: bool) -> list:
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.spec_utils import ModuleSpec
 
@@ -272,8 +295,8 @@ def count_layout(tp: int, mp: int, mode: str, sp: bool) -> list:
 
     ps.destroy_model_parallel()
     megatron_compat.initialize_distributed(tp, seed=0, memory_parallel_size=mp)
-    layer = build(tp, sp, ModuleSpec(module=ShardedValueExpansion, params={
-        "mode": mode, "sequence_parallel": sp, "overlap": True}))
+    layer = build(family, tp, sp, ModuleSpec(module=ShardedValueExpansion, params={
+        "mode": mode, "sequence_parallel": sp, "overlap": True}), mode)
     generator = torch.Generator().manual_seed(11 + torch.distributed.get_rank())
     seq = SEQ // tp if sp else SEQ
     hidden = torch.randn(seq, BATCH, HIDDEN, generator=generator)
