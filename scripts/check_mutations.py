@@ -131,8 +131,8 @@ MUTATIONS = {
     ),
     "value shards reduced as dense parameters (over all of data parallel)": (
         "ultramem_megatron/parallel/sharded_values.py",
-        "                table.allreduce = False\n",
-        "                pass\n",
+        "            self.values.allreduce = False\n",
+        "            pass\n",
         TRAINING_TESTS,
     ),
     "UltraMemV2: pre-value dot products not summed over the memory-parallel ranks": (
