@@ -1,19 +1,19 @@
-"""Tokenization throughput, side by side: megatron-core's per-document loop vs our pipeline.
+"""Tokenization end to end, side by side: our prepare_data.py vs Megatron-LM's preprocess_data.py
+vs the tokenizer's floor, at 1..N workers, on one file and on the same text in many files.
 
-    .venv/bin/python scripts/bench_tokenize.py              # fixture x4, workers 1..cpu_count
-    .venv/bin/python scripts/bench_tokenize.py --quick      # fixture x1, workers 1..2
-    .venv/bin/python scripts/bench_tokenize.py --input 'data/raw/corpus/*/*.jsonl.gz' --repeat 1
+    .venv/bin/python scripts/bench_tokenize.py --input 'data/raw/corpus/*/*.jsonl.gz' \
+        --megatron-lm /path/to/Megatron-LM --runs 3
+    .venv/bin/python scripts/bench_tokenize.py --quick          # the fixture, 1 run, no baseline
 
-Every row reads the same files: --repeat copies of each --input file, written to a temp dir (the
-pipeline makes one shard per file, so copies give several workers something to share).
-- baseline: what megatron's preprocess_data does per document, from megatron-core's own pieces:
-  its text tokenizer wrapper (MegatronTokenizer, library "huggingface") tokenizes one document
-  at a time, EOD is appended, IndexedDatasetBuilder writes one .bin/.idx.
-- pipeline: run_pipeline at workers = 1..--max-workers, each into a fresh temp output dir.
-Times are wall clock end to end, tokenizers loaded beforehand; the pipeline's rows with 2+
-workers include starting the worker processes (each imports megatron-core and loads the
-tokenizer) and every pipeline row includes merging the shards. RAYON_NUM_THREADS defaults to 1
-here so that one worker is one core. Exits 1 if the merged .bin differs across worker counts.
+The input's records are written once as plain JSON lines: one file, and --files files that
+together hold the same records in the same order. Every row is a fresh process timed wall clock (start-up, tokenizer load
+and merge included), into a fresh output directory:
+- ours: scripts/prepare_data.py --workers N (one file is cut into byte ranges);
+- megatron-lm (with --megatron-lm PATH): PATH/tools/preprocess_data.py --workers N
+  --tokenizer-type HuggingFaceTokenizer --append-eod, once per file for many files;
+- floor: the texts already in memory, `tokenizers` encode_batch with N threads, the encode only.
+Prints median and spread (min-max) per row, ours/megatron and ours/floor ratios, our start-up
+(a one-record run), and whether every .bin and .idx is byte-identical. Exits 1 if they differ.
 """
 
 from __future__ import annotations
@@ -24,156 +24,146 @@ import gzip
 import hashlib
 import json
 import os
-import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("RAYON_NUM_THREADS", "1")   # before tokenizers loads: one core per worker
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-
-from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-from megatron.core.tokenizers import MegatronTokenizer
-from transformers.utils import logging as transformers_logging
-
-from ultramem_megatron.data.pipeline import run_pipeline
-from ultramem_megatron.data.tokenizer import load_tokenizer
-
-SUBSET = "bench"
-
-
-@dataclass
-class Row:
-    name: str
-    workers: int
-    seconds: float
-    documents: int
-    tokens: int
-    bin_sha256: str
+REPO = Path(__file__).resolve().parents[1]
+FLOOR = """
+import json, os, sys, time
+from tokenizers import Tokenizer
+texts = [json.loads(line)["text"] for path in sys.argv[2:] for line in open(path)]
+tokenizer = Tokenizer.from_file(sys.argv[1] + "/tokenizer.json")
+start = time.perf_counter()
+tokenizer.encode_batch(texts, add_special_tokens=False)
+print(time.perf_counter() - start)
+"""
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+def read_records(patterns: list[str]) -> list[str]:
+    """JSON lines with a non-blank "text" (the rows differ on what they skip otherwise)."""
+    lines = []
+    for path in sorted({p for pattern in patterns for p in glob.glob(pattern)}):
+        with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as src:
+            for line in src:
+                record = json.loads(line) if line.strip() else None
+                if isinstance(record, dict) and isinstance(record.get("text"), str) \
+                        and record["text"].strip():
+                    lines.append(json.dumps({"text": record["text"]}) + "\n")
+    if not lines:
+        sys.exit(f"no usable record in {patterns}")
+    return lines
 
 
-def copy_inputs(patterns: list[str], repeat: int, into: Path) -> list[str]:
-    """repeat copies of every file the patterns match, into `into`, in a fixed order."""
-    files = sorted({path for pattern in patterns for path in glob.glob(pattern)})
-    if not files:
-        sys.exit(f"no file matches {patterns}")
-    for copy in range(repeat):
-        for number, path in enumerate(files):
-            shutil.copyfile(path, into / f"{copy:02d}-{number:03d}-{Path(path).name}")
-    return sorted(str(path) for path in into.iterdir())
+def digest(prefix: str) -> str:
+    return "".join(hashlib.sha256(Path(prefix + s).read_bytes()).hexdigest()[:12]
+                   for s in (".bin", ".idx"))
 
 
-def megatron_texts(path: str):
-    """The texts of a JSON-lines file (.gz too); blank lines and records without a non-blank
-    "text" string are skipped, as the pipeline skips them (malformed JSON raises here)."""
-    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as lines:
-        for line in lines:
-            record = json.loads(line) if line.strip() else None
-            text = record.get("text") if isinstance(record, dict) else None
-            if isinstance(text, str) and text.strip():
-                yield text
+def timed(command: list[str], env: dict) -> float:
+    start = time.perf_counter()
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode:
+        sys.exit(f"failed: {' '.join(command)}\n{result.stderr[-2000:]}")
+    return seconds
 
 
-def baseline_row(files: list[str], tokenizer) -> Row:
-    """One process, one document at a time through megatron-core's tokenizer and builder."""
-    with tempfile.TemporaryDirectory() as out:
-        prefix = f"{out}/{SUBSET}"
-        start = time.perf_counter()
-        builder = IndexedDatasetBuilder(f"{prefix}.bin",
-                                        dtype=DType.optimal_dtype(tokenizer.vocab_size))
-        documents = tokens = 0
-        for path in files:
-            for text in megatron_texts(path):
-                ids = tokenizer.tokenize(text) + [tokenizer.eod]
-                builder.add_document(ids, [len(ids)])
-                documents, tokens = documents + 1, tokens + len(ids)
-        builder.finalize(f"{prefix}.idx")
-        seconds = time.perf_counter() - start
-        return Row("megatron-core loop", 1, seconds, documents, tokens,
-                   sha256(Path(f"{prefix}.bin")))
+def ours(files: list[str], workers: int, out: str, tokenizer: str, env: dict) -> tuple[float, str]:
+    seconds = timed([sys.executable, str(REPO / "scripts/prepare_data.py"), "--tokenizer",
+                     tokenizer, "--workers", str(workers), "--output-dir", out,
+                     *[f"--subset=all={path}" for path in files]], env)
+    return seconds, digest(f"{out}/all")
 
 
-def pipeline_row(input_dir: Path, tokenizer, workers: int) -> Row:
-    with tempfile.TemporaryDirectory() as out:
-        start = time.perf_counter()
-        manifest = run_pipeline({SUBSET: [str(input_dir / "*")]}, out, tokenizer,
-                                workers=workers, progress=False)
-        seconds = time.perf_counter() - start
-        counts = manifest["subsets"][SUBSET]
-        return Row("pipeline", workers, seconds, counts["documents"], counts["tokens"],
-                   sha256(Path(out) / f"{SUBSET}.bin"))
+def megatron(files: list[str], workers: int, out: str, tokenizer: str, root: str,
+             env: dict) -> tuple[float, str]:
+    seconds, prefixes = 0.0, []
+    for number, path in enumerate(files):
+        prefix = f"{out}/f{number:03d}"
+        seconds += timed([sys.executable, f"{root}/tools/preprocess_data.py", "--input", path,
+                          "--output-prefix", prefix, "--tokenizer-type", "HuggingFaceTokenizer",
+                          "--tokenizer-model", tokenizer, "--append-eod", "--json-keys", "text",
+                          "--workers", str(workers)], {**env, "PYTHONPATH": root})
+        prefixes.append(f"{prefix}_text_document")
+    if len(prefixes) == 1:
+        return seconds, digest(prefixes[0])
+    sys.path.insert(0, str(REPO))
+    from ultramem_megatron.data.indexed import merge
+
+    merge(prefixes, f"{out}/all.bin", f"{out}/all.idx")   # not timed: a byte check only
+    return seconds, digest(f"{out}/all")
 
 
-def print_table(rows: list[Row]) -> None:
-    base = rows[0]
-    print(f"{'row':<20}{'workers':>8}{'seconds':>9}{'tokens':>11}{'tokens/s':>11}"
-          f"{'tok/s/worker':>13}{'vs baseline':>12}  .bin sha256")
-    for row in rows:
-        rate = row.tokens / row.seconds
-        print(f"{row.name:<20}{row.workers:>8}{row.seconds:>9.2f}{row.tokens:>11,}{rate:>11,.0f}"
-              f"{rate / row.workers:>13,.0f}{base.seconds / row.seconds:>11.2f}x  "
-              f"{row.bin_sha256[:16]}")
-
-
-def check(rows: list[Row]) -> bool:
-    """Prints the consistency checks; True when the pipeline's .bin is the same at every count."""
-    base, pipeline = rows[0], rows[1:]
-    same = len({row.bin_sha256 for row in pipeline}) == 1
-    print(f"pipeline merged .bin byte-identical across worker counts (sha256): "
-          f"{'yes' if same else 'NO'}")
-    print(f"megatron-core loop .bin identical to the pipeline's: "
-          f"{'yes' if base.bin_sha256 == pipeline[0].bin_sha256 else 'no'}")
-    if {(row.documents, row.tokens) for row in rows} != {(base.documents, base.tokens)}:
-        print("WARNING: documents/tokens differ between rows: "
-              + ", ".join(f"{r.name}@{r.workers}: {r.documents}/{r.tokens}" for r in rows))
-    return same
+def floor(files: list[str], threads: int, tokenizer: str, env: dict) -> tuple[float, str]:
+    result = subprocess.run([sys.executable, "-c", FLOOR, tokenizer, *files], capture_output=True,
+                            text=True, check=True, env={**env, "RAYON_NUM_THREADS": str(threads)})
+    return float(result.stdout), ""
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--input", nargs="+", default=["data/fixture/*.jsonl"],
-                        help="JSON-lines glob(s), .gz allowed (default data/fixture/*.jsonl)")
-    parser.add_argument("--repeat", type=int, help="copies of each input file (default 4)")
-    parser.add_argument("--max-workers", type=int, help="pipeline rows for 1..N workers "
-                        f"(default os.cpu_count(), here {os.cpu_count()})")
-    parser.add_argument("--tokenizer", default="data/tokenizers/gpt-neox-20b")
-    parser.add_argument("--quick", action="store_true", help="1 repeat, max 2 workers")
+    parser.add_argument("--input", nargs="+", default=["data/fixture/*.jsonl"])
+    parser.add_argument("--files", type=int, default=8, help="files of the many-file layout")
+    parser.add_argument("--max-workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--megatron-lm", help="a Megatron-LM source tree (tools/preprocess_data.py)")
+    parser.add_argument("--tokenizer", default=str(REPO / "data/tokenizers/gpt-neox-20b"))
+    parser.add_argument("--quick", action="store_true", help="1 run, up to 2 workers")
     args = parser.parse_args()
-    repeat = args.repeat if args.repeat is not None else 1 if args.quick else 4
-    max_workers = (args.max_workers if args.max_workers is not None
-                   else 2 if args.quick else os.cpu_count() or 1)
-    if repeat < 1 or max_workers < 1:
-        parser.error("--repeat and --max-workers must be >= 1")
-    # library "huggingface": megatron-core's HuggingFaceTokenizer (AutoTokenizer underneath),
-    # loaded from the local directory, so offline; its tokenize() is one document per call.
-    transformers_logging.set_verbosity_error()   # documents over model_max_length are fine here
-    megatron_tokenizer = MegatronTokenizer.from_pretrained(
-        args.tokenizer, metadata_path={"library": "huggingface", "model_type": "gpt"})
-    tokenizer = load_tokenizer(args.tokenizer)
-    with tempfile.TemporaryDirectory() as inputs:
-        files = copy_inputs(args.input, repeat, Path(inputs))
-        size = sum(os.path.getsize(path) for path in files)
-        print(f"input: {len(files)} files ({repeat} x {args.input}), {size / 1e6:.1f} MB on disk")
-        print(f"tokenizer: {args.tokenizer}; baseline through megatron-core's "
-              f"{type(megatron_tokenizer).__name__} (library huggingface); "
-              f"RAYON_NUM_THREADS={os.environ['RAYON_NUM_THREADS']}; {os.cpu_count()} CPUs")
-        rows = [baseline_row(files, megatron_tokenizer)]
-        rows += [pipeline_row(Path(inputs), tokenizer, workers)
-                 for workers in range(1, max_workers + 1)]
-    print(f"documents: {rows[0].documents:,}")
-    print_table(rows)
-    return 0 if check(rows) else 1
+    runs, max_workers = (1, min(2, args.max_workers)) if args.quick else (args.runs, args.max_workers)
+    env = {k: v for k, v in os.environ.items() if k != "RAYON_NUM_THREADS"}
+    lines = read_records(args.input)
+    with tempfile.TemporaryDirectory() as tmp:
+        layouts = {"one file": [f"{tmp}/one.jsonl"],
+                   f"{args.files} files": [f"{tmp}/many{i:03d}.jsonl" for i in range(args.files)]}
+        Path(layouts["one file"][0]).write_text("".join(lines))
+        bounds = [len(lines) * i // args.files for i in range(args.files + 1)]
+        for number, path in enumerate(layouts[f"{args.files} files"]):   # the one file, cut
+            Path(path).write_text("".join(lines[bounds[number]:bounds[number + 1]]))
+        Path(f"{tmp}/tiny.jsonl").write_text(lines[0])
+        startup = [ours([f"{tmp}/tiny.jsonl"], 1, f"{tmp}/s{i}", args.tokenizer, env)[0]
+                   for i in range(runs)]
+        size = sum(len(line.encode()) for line in lines)
+        print(f"input: {len(lines):,} records, {size / 1e6:.1f} MB of JSON lines; "
+              f"{os.cpu_count()} CPUs; {runs} run(s) per row, median [min-max] seconds")
+        print(f"our start-up (a one-record run, end to end): {statistics.median(startup):.2f} s "
+              f"[{min(startup):.2f}-{max(startup):.2f}]")
+        digests, counter = set(), 0
+        for layout, files in layouts.items():
+            medians = {}
+            for workers in range(1, max_workers + 1):
+                rows = {"ours": lambda out: ours(files, workers, out, args.tokenizer, env),
+                        "floor": lambda out: floor(files, workers, args.tokenizer, env)}
+                if args.megatron_lm:
+                    rows["megatron-lm"] = lambda out: megatron(files, workers, out,
+                                                               args.tokenizer, args.megatron_lm, env)
+                for name, run in rows.items():
+                    times = []
+                    for _ in range(runs):
+                        counter += 1
+                        out = f"{tmp}/out{counter}"
+                        os.makedirs(out)
+                        seconds, bytes_digest = run(out)
+                        times.append(seconds)
+                        if bytes_digest:
+                            digests.add(bytes_digest)
+                    medians[name, workers] = statistics.median(times)
+                    print(f"{layout:>9} | {name:<11} | {workers} worker(s) | "
+                          f"{medians[name, workers]:7.2f} s [{min(times):.2f}-{max(times):.2f}]")
+                line = f"{layout:>9} | {workers} worker(s): ours/floor " \
+                       f"{medians['ours', workers] / medians['floor', workers]:.2f}x"
+                if args.megatron_lm:
+                    line += (f", ours/megatron-lm "
+                             f"{medians['ours', workers] / medians['megatron-lm', workers]:.2f}x")
+                print(line)
+    same = len(digests) == 1
+    print(f"every .bin and .idx byte-identical (ours at every layout and worker count"
+          f"{', megatron-lm' if args.megatron_lm else ''}): {'yes' if same else 'NO'}")
+    return 0 if same else 1
 
 
 if __name__ == "__main__":

@@ -14,16 +14,19 @@ manifest), a single prefix, or whatever a config's blend lacks.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
-from ultramem_megatron.config import ConfigError, DataConfig, load_config
-from ultramem_megatron.data.pipeline import describe, run_pipeline
-from ultramem_megatron.data.prepare import DataPrepError, ensure_prepared, prepare_jsonl
+# torch / megatron-core / transformers load only for --config (about 5 s of start-up otherwise)
+from ultramem_megatron.data.pipeline import Interrupted, describe, run_pipeline
+from ultramem_megatron.data.sources import DataPrepError
 from ultramem_megatron.data.tokenizer import TokenizerError, load_tokenizer
 from ultramem_megatron.data.writer import WriteOptions
+
+DEFAULT_TOKENIZER = "data/tokenizers/gpt-neox-20b"   # config.DataConfig.tokenizer's default
 
 
 def parse_subsets(items: list[str]) -> dict[str, list[str]]:
@@ -44,9 +47,20 @@ def main() -> int:
     parser.add_argument("--output-dir", help="where --subset output goes")
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--no-merge", action="store_true", help="keep per-shard files only")
+    parser.add_argument("--split-size", type=float, metavar="MIB",
+                        help="cut plain JSON-lines files into byte ranges of this many MiB (and "
+                             "parquet into row-group runs); default: as this output directory "
+                             "was planned, else about 4 ranges per worker, 4-256 MiB")
+    parser.add_argument("--task-index", type=int, default=int(os.environ.get(
+                            "SLURM_ARRAY_TASK_ID", 0)),
+                        help="run shards i, i+n, ... only (default $SLURM_ARRAY_TASK_ID or 0)")
+    parser.add_argument("--task-count", type=int, default=1,
+                        help="n tasks share the shards (a Slurm array); no merge, no manifest")
+    parser.add_argument("--merge-only", action="store_true",
+                        help="tokenize nothing: merge the shards the tasks wrote, write the manifest")
     parser.add_argument("--input", nargs="+", help="file(s) or glob pattern(s) for one prefix")
     parser.add_argument("--output-prefix", help="the prefix to write (PREFIX.bin, PREFIX.idx)")
-    parser.add_argument("--tokenizer", default=DataConfig.tokenizer,
+    parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER,
                         help="HF tokenizer name or local path (default: %(default)s)")
     parser.add_argument("--text-key", default="text", help="the record field holding the text")
     parser.add_argument("--max-document-tokens", type=int, default=0,
@@ -59,25 +73,45 @@ def main() -> int:
         parser.error("config overrides need --config")
     if args.max_document_tokens < 0 or args.workers < 1:
         parser.error("--max-document-tokens must be >= 0 and --workers >= 1")
+    if args.task_count < 1 or not 0 <= args.task_index < args.task_count:
+        parser.error(f"--task-index {args.task_index} must be in [0, --task-count "
+                     f"{args.task_count})")
+    if args.split_size is not None and args.split_size <= 0:
+        parser.error("--split-size must be > 0 MiB")
     options = WriteOptions(args.text_key, args.max_document_tokens, args.long_documents)
     try:
         if args.config:
-            config = load_config(args.config, args.overrides)
+            from ultramem_megatron.config import ConfigError, load_config
+            from ultramem_megatron.data.prepare import ensure_prepared
+
+            try:
+                config = load_config(args.config, args.overrides)
+            except ConfigError as err:
+                raise DataPrepError(str(err)) from None
             prepared = ensure_prepared(config.data, load_tokenizer(config.data.tokenizer))
             if not prepared:
                 print("every data.blend prefix is already prepared")
         elif args.subset and args.output_dir:
+            split = None if args.split_size is None else int(args.split_size * 2**20)
             manifest = run_pipeline(parse_subsets(args.subset), args.output_dir,
                                     load_tokenizer(args.tokenizer), workers=args.workers,
-                                    options=options, merge=not args.no_merge)
-            print(describe(manifest))
+                                    options=options, merge=not args.no_merge, split_bytes=split,
+                                    task=(args.task_index, args.task_count),
+                                    merge_only=args.merge_only)
+            print(describe(manifest) if manifest else
+                  f"task {args.task_index} of {args.task_count}: its shards are written")
         elif args.input and args.output_prefix:
+            from ultramem_megatron.data.prepare import prepare_jsonl
+
             stats = prepare_jsonl(args.input, args.output_prefix, load_tokenizer(args.tokenizer),
                                   options=options)
             print(stats.summary())
         else:
             parser.error("give --subset and --output-dir, --input and --output-prefix, or --config")
-    except (ConfigError, DataPrepError, TokenizerError) as err:
+    except Interrupted as err:
+        print(f"prepare_data: {err}", file=sys.stderr)
+        return 130
+    except (DataPrepError, TokenizerError) as err:
         print(f"prepare_data: {err}", file=sys.stderr)
         return 1
     return 0

@@ -1,48 +1,92 @@
-"""The corpus pipeline: subsets of sources -> one .bin/.idx per input shard, written by parallel
-worker processes, resumable, merged per subset in a fixed order, with a JSON manifest."""
+"""The corpus pipeline: subsets of sources -> one .bin/.idx per shard (a file, a byte range of
+one, a run of parquet row groups, a stream shard), written by parallel worker processes or by
+the tasks of a Slurm array, resumable, merged per subset in a fixed order, with a manifest."""
 
 # Layout of an output directory:
 #   OUT/shards/SUBSET/SHARD.{bin,idx,meta.json}   one per input shard; .idx renamed in last
 #   OUT/SUBSET.{bin,idx}                          the subset's shards merged in shard-name order
 #   OUT/manifest.json                             tokenizer, options, per-subset and per-shard counts
+#   OUT/plan.json                                 the split size the shards were cut with
 # Each shard depends only on its input, and the merge order is fixed, so the bytes do not depend
-# on the number of workers or on which run (first or resumed) wrote a shard.
+# on the number of workers, the split size, or on which run or task wrote a shard.
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
-from multiprocessing import get_all_start_methods, get_context
+from multiprocessing import Value, get_context
 from pathlib import Path
 
-from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 from tqdm import tqdm
 
-from .sources import Shard, expand_sources, read_shard
+from . import indexed
+from .sources import Shard, ShardReader, expand_sources
 from .tokenizer import load_tokenizer
 from .writer import (DataPrepError, DocumentStats, WriteOptions, bin_path, idx_path, is_prepared,
                      meta_path, usable_texts, write_documents)
 
-_WORKER_TOKENIZER = None   # each worker process loads its own
+MIB = 1 << 20
+_WORKER = {}   # what a forked worker inherits: its tokenizer, options and progress counters
 
 
-def _init_worker(tokenizer_spec: str) -> None:
-    global _WORKER_TOKENIZER
-    os.environ.setdefault("RAYON_NUM_THREADS", "1")   # one core per worker, before tokenizers loads
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _WORKER_TOKENIZER = load_tokenizer(tokenizer_spec)
+class Interrupted(DataPrepError):
+    """Ctrl-C (or SIGTERM) during a run: finished shards are kept."""
 
 
-def tokenize_shard(shard: Shard, prefix: str, options: WriteOptions, tokenizer=None) -> dict:
-    """One shard -> prefix.bin/.idx/.meta.json; returns the shard's counts."""
-    tokenizer = tokenizer or _WORKER_TOKENIZER
-    stats = DocumentStats()
-    write_documents(usable_texts(read_shard(shard, options.text_key), stats), prefix, tokenizer,
-                    stats, options, sidecar={"shard": asdict(shard)}, allow_empty=True)
+class Counters:
+    """Documents, tokens and input bytes done, shared with forked workers (or plain, in-process)."""
+
+    def __init__(self, shared: bool) -> None:
+        make = (lambda: Value("q", 0)) if shared else _Plain
+        self.documents, self.tokens, self.consumed = make(), make(), make()
+
+    def add(self, documents: int, tokens: int, consumed: int) -> None:
+        for counter, amount in ((self.documents, documents), (self.tokens, tokens),
+                                (self.consumed, consumed)):
+            if hasattr(counter, "get_lock"):
+                with counter.get_lock():
+                    counter.value += amount
+            else:
+                counter.value += amount
+
+
+class _Plain:
+    value = 0
+
+
+def tokenize_shard(shard: Shard, prefix: str, options: WriteOptions, tokenizer,
+                   counters: Counters | None = None) -> dict:
+    """One shard -> prefix.bin/.idx/.meta.json; returns the shard's counts. counters, if given,
+    advance after every document batch."""
+    stats, reader = DocumentStats(), ShardReader(shard, options.text_key)
+    last = [0]
+
+    def progress(documents: int, tokens: int) -> None:
+        counters.add(documents, tokens, reader.consumed - last[0])
+        last[0] = reader.consumed
+
+    write_documents(usable_texts(reader, stats), prefix, tokenizer, stats, options,
+                    sidecar={"shard": asdict(shard)}, allow_empty=True,
+                    progress=progress if counters is not None else None)
+    if counters is not None:
+        counters.add(0, 0, shard.size - last[0])   # the input's tail, or a stream's whole size
     return stats.as_dict()
+
+
+def _worker_init() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's to handle
+
+
+def _worker_task(task: tuple) -> tuple:
+    subset, shard, prefix = task
+    try:
+        return prefix, tokenize_shard(shard, prefix, _WORKER["options"], _WORKER["tokenizer"],
+                                      _WORKER["counters"]), None
+    except DataPrepError as err:
+        return prefix, None, f"  {subset}/{shard.name}: {err}"
 
 
 def shard_prefix(out_dir: Path, subset: str, shard: Shard) -> str:
@@ -50,15 +94,11 @@ def shard_prefix(out_dir: Path, subset: str, shard: Shard) -> str:
 
 
 def _merge(out_dir: Path, subset: str, prefixes: list[str]) -> None:
-    """OUT/SUBSET.bin/.idx from the shards in order (megatron's builder), renamed into place."""
+    """OUT/SUBSET.bin/.idx from the shards in order, renamed into place."""
     target = str(out_dir / subset)
     tmp = f"{target}.tmp{os.getpid()}"
-    builder = IndexedDatasetBuilder(str(bin_path(tmp)),
-                                    dtype=IndexedDataset(prefixes[0]).index.dtype)
     try:
-        for prefix in prefixes:
-            builder.add_index(prefix)
-        builder.finalize(str(idx_path(tmp)))
+        indexed.merge(prefixes, bin_path(tmp), idx_path(tmp))
         idx_path(target).unlink(missing_ok=True)
         os.replace(bin_path(tmp), bin_path(target))
         os.replace(idx_path(tmp), idx_path(target))
@@ -73,31 +113,72 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _check_writable(out_dir: Path) -> None:
+    """The tool's error, before any work, when OUT cannot be created or written."""
+    probe = out_dir / "shards" / f".probe{os.getpid()}"
+    try:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise DataPrepError(f"output directory {out_dir}: cannot be written "
+                            f"({err.strerror or err})") from None
+
+
+def split_size(out_dir: Path, requested: int | None, plain_bytes: int, workers: int) -> int:
+    """The byte size plain JSON-lines files are cut at: as requested, else the one this OUT was
+    planned with (so a rerun finds its finished ranges), else about four ranges per worker,
+    between 4 and 256 MiB."""
+    plan = out_dir / "plan.json"
+    if requested is None and plan.is_file():
+        return json.loads(plan.read_text())["split_bytes"]
+    chosen = requested or min(256, max(4, plain_bytes // (4 * workers * MIB))) * MIB
+    _write_json(plan, {"split_bytes": chosen})
+    return chosen
+
+
 def run_pipeline(subsets: dict[str, list[str]], out_dir: str | Path, tokenizer, *,
                  workers: int = 1, options: WriteOptions = WriteOptions(), merge: bool = True,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, split_bytes: int | None = None,
+                 task: tuple[int, int] = (0, 1), merge_only: bool = False) -> dict | None:
     """Tokenize every subset's sources (globs or hf: specs) into OUT; returns the manifest.
 
-    tokenizer: an HFTokenizer (its name_or_path is what worker processes load) or a name/path.
-    Finished shards are kept and skipped on a rerun (one run per OUT at a time: a run deletes the
-    temporary files it finds there). Shards that fail (a corrupt file, say) are
-    reported together in one DataPrepError after the others finished, so a rerun redoes only them.
+    tokenizer: an HFTokenizer (forked workers inherit it) or a name/path. Large plain JSON-lines
+    files are cut into byte ranges of split_bytes (see split_size), parquet files into row-group
+    runs, so that workers share one file. Finished shards are kept and skipped on a rerun (one run
+    per OUT at a time: a run deletes the temporary files it finds there). Shards that fail (a
+    corrupt file, say) are reported together in one DataPrepError after the others finished, so
+    a rerun redoes only them. task=(i, n) runs only shards i, i + n, ... and returns None (a
+    Slurm array task); merge_only tokenizes nothing and merges what the tasks wrote.
     """
     out_dir = Path(out_dir)
+    _check_writable(out_dir)
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)
-    plan = {subset: expand_sources(sources) for subset, sources in subsets.items()}
-    for stale in (out_dir / "shards").glob("*/*.tmp*"):   # left by a killed run
-        stale.unlink()
+    files = {subset: expand_sources(sources) for subset, sources in subsets.items()}
+    plain = sum(shard.size for shards in files.values() for shard in shards
+                if shard.path.endswith((".jsonl", ".json")))
+    split = split_size(out_dir, split_bytes, plain, max(workers, task[1]))
+    plan = {subset: expand_sources(sources, split) for subset, sources in subsets.items()}
     tasks = [(subset, shard, shard_prefix(out_dir, subset, shard))
              for subset, shards in plan.items() for shard in shards]
-    pending = [task for task in tasks if not is_prepared(task[2])]
-    results = {task[2]: json.loads(meta_path(task[2]).read_text()) for task in tasks
-               if task not in pending}
+    pending = [t for t in tasks[task[0]::task[1]] if not is_prepared(t[2])]
+    if merge_only and pending:
+        raise DataPrepError(f"{len(pending)} of {len(tasks)} shards are not written yet (e.g. "
+                            f"{pending[0][2]}); rerun the tokenizing tasks first")
+    if task[1] == 1:
+        for stale in (out_dir / "shards").glob("*/*.tmp*"):   # left by a killed run
+            stale.unlink()
+    results: dict = {}
     failures = _run_tasks(pending, tokenizer, workers, options, results, progress)
     if failures:
         raise DataPrepError(f"{len(failures)} of {len(tasks)} shards failed (the others are kept; "
                             "a rerun redoes only these):\n" + "\n".join(failures))
+    if task[1] > 1:
+        return None
+    for subset, shard, prefix in tasks:
+        if prefix not in results:
+            results[prefix] = json.loads(meta_path(prefix).read_text())
     manifest = _manifest(out_dir, plan, results, tokenizer, options)
     empty = [name for name in plan if manifest["subsets"][name]["documents"] == 0]
     if empty:
@@ -107,7 +188,7 @@ def run_pipeline(subsets: dict[str, list[str]], out_dir: str | Path, tokenizer, 
         for subset, shards in plan.items():
             prefixes = [shard_prefix(out_dir, subset, shard) for shard in shards
                         if results[shard_prefix(out_dir, subset, shard)]["documents"]]
-            if pending or not is_prepared(str(out_dir / subset)):
+            if pending or merge_only or not is_prepared(str(out_dir / subset)):
                 _merge(out_dir, subset, prefixes)
     _write_json(out_dir / "manifest.json", manifest)
     return manifest
@@ -115,41 +196,71 @@ def run_pipeline(subsets: dict[str, list[str]], out_dir: str | Path, tokenizer, 
 
 def _run_tasks(pending: list, tokenizer, workers: int, options: WriteOptions, results: dict,
                progress: bool) -> list[str]:
-    """Tokenize the pending shards (in this process, or in `workers` processes); fills results."""
-    failures = []
-    bar = tqdm(total=len(pending), unit="shard", disable=not progress or not pending,
-               desc="tokenize")
-    start, documents, tokens = time.perf_counter(), 0, 0
+    """Tokenize the pending shards, in this process or in `workers` forked processes; fills
+    results. The bar advances per document batch. Ctrl-C stops the workers at once (finished
+    shards stay; a rerun does the rest)."""
+    counters = Counters(shared=workers > 1)
+    total = sum(shard.size for _, shard, _ in pending)
+    bar = tqdm(total=total, unit="B", unit_scale=True, disable=not progress or not pending,
+               desc="tokenize", smoothing=0.1)
+    start, failures = time.perf_counter(), []
 
-    def done(prefix: str, counts: dict) -> None:
-        nonlocal documents, tokens
-        results[prefix] = counts
-        documents, tokens = documents + counts["documents"], tokens + counts["tokens"]
+    def refresh() -> None:
         elapsed = max(time.perf_counter() - start, 1e-9)
-        bar.set_postfix(docs_per_s=f"{documents / elapsed:.0f}", tokens_per_s=f"{tokens / elapsed:.0f}")
-        bar.update()
+        bar.update(counters.consumed.value - bar.n)
+        bar.set_postfix(shards=f"{len(results) + len(failures)}/{len(pending)}",
+                        docs_per_s=f"{counters.documents.value / elapsed:.0f}",
+                        tokens_per_s=f"{counters.tokens.value / elapsed:.0f}", refresh=False)
 
-    if workers <= 1:
-        for subset, shard, prefix in pending:
-            try:
-                done(prefix, tokenize_shard(shard, prefix, options, tokenizer))
-            except DataPrepError as err:
-                failures.append(f"  {subset}/{shard.name}: {err}")
-    else:
-        # fork: a spawned worker would re-import megatron-core and transformers (~10 s each)
-        context = get_context("fork" if "fork" in get_all_start_methods() else "spawn")
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                 initargs=(tokenizer.name_or_path,)) as pool:
-            futures = {pool.submit(tokenize_shard, shard, prefix, options): (subset, shard, prefix)
-                       for subset, shard, prefix in pending}
-            for future in as_completed(futures):
-                subset, shard, prefix = futures[future]
-                try:
-                    done(prefix, future.result())
-                except DataPrepError as err:
-                    failures.append(f"  {subset}/{shard.name}: {err}")
+    def record(outcome: tuple) -> None:
+        prefix, counts, failure = outcome
+        if failure:
+            failures.append(failure)
+        else:
+            results[prefix] = counts
+
+    try:
+        if workers <= 1:
+            _WORKER.update(tokenizer=tokenizer, options=options, counters=counters)
+            for task in pending:
+                record(_worker_task(task))
+                refresh()
+        elif pending:
+            _run_forked(pending, tokenizer, workers, options, counters, record, refresh)
+    except KeyboardInterrupt:
+        bar.close()
+        raise Interrupted(f"interrupted: {len(results)} of {len(pending)} shards finished and "
+                            "kept; rerun the same command to do the rest") from None
+    finally:
+        _WORKER.clear()
+    refresh()
     bar.close()
     return sorted(failures)
+
+
+def _run_forked(pending: list, tokenizer, workers: int, options: WriteOptions,
+                counters: Counters, record, refresh) -> None:
+    # fork: workers inherit the loaded tokenizer (nothing to import or load again); RAYON=1 keeps
+    # each worker on one core
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _WORKER.update(tokenizer=tokenizer, options=options, counters=counters)
+    context = get_context("fork")   # POSIX; workers read _WORKER from the parent
+    pool = context.Pool(workers, initializer=_worker_init)
+    try:
+        outcomes = pool.imap_unordered(_worker_task, pending)
+        for _ in pending:
+            while True:
+                try:
+                    record(outcomes.next(timeout=0.5))
+                    break
+                except context.TimeoutError:
+                    refresh()
+            refresh()
+        pool.close()
+    finally:
+        pool.terminate()   # at once: on Ctrl-C nothing queued runs, a shard mid-way is dropped
+        pool.join()
 
 
 def _manifest(out_dir: Path, plan: dict, results: dict, tokenizer, options: WriteOptions) -> dict:

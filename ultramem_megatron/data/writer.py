@@ -1,21 +1,23 @@
-"""Texts -> one Megatron .bin/.idx through megatron-core's builder: EOD per document, long
-documents split or dropped, counts of everything, files renamed into place only when complete."""
+"""Texts -> one Megatron .bin/.idx (indexed.py's writer): EOD per document, long documents split
+or dropped, texts the tokenizer cannot take skipped, counts of everything, files renamed into
+place only when complete."""
 
 from __future__ import annotations
 
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from itertools import islice
+from itertools import chain
 from pathlib import Path
-from typing import Iterable, Iterator, Literal, Optional
+from typing import Callable, Iterable, Iterator, Literal, Optional
 
 import numpy
-from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
+from .indexed import IndexedWriter, token_dtype
 from .sources import DataPrepError
 
-BATCH_DOCUMENTS = 512   # documents tokenized per call (the fast tokenizers run a batch in parallel)
+BATCH_DOCUMENTS = 512    # documents per tokenizer call ...
+BATCH_CHARS = 1 << 23    # ... or fewer, when their texts reach this many characters
 
 
 @dataclass(frozen=True)
@@ -77,48 +79,82 @@ def usable_texts(records: Iterable[tuple[Optional[str], Optional[str]]],
             stats.skip(reason)
 
 
-def _pieces(ids: list[int], eod: int, limit: int, long_documents: str
-            ) -> Optional[list[numpy.ndarray]]:
-    """A document as one or more .idx documents (EOD after the last), or None to drop it."""
-    document = numpy.asarray([*ids, eod])
-    if not limit or document.size <= limit:
-        return [document]
+def _batches(texts: Iterator[str]) -> Iterator[list[str]]:
+    batch, chars = [], 0
+    for text in texts:
+        batch.append(text)
+        chars += len(text)
+        if len(batch) == BATCH_DOCUMENTS or chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _encodable(batch: list[str], stats: DocumentStats) -> tuple[list[str], list[int]]:
+    """The texts the tokenizer can take and their UTF-8 sizes. A lone surrogate (a JSON escape
+    such as "\\ud800", common in web dumps) has no UTF-8 form: such a text is counted as
+    `lone_surrogate` and skipped (the Rust tokenizers raise TypeError and end the run)."""
+    texts, sizes = [], []
+    for text in batch:
+        try:
+            sizes.append(len(text.encode("utf-8")))
+        except UnicodeEncodeError:
+            stats.skip("lone_surrogate")
+            continue
+        texts.append(text)
+    return texts, sizes
+
+
+def _pieces(ids: list[int], eod: int, limit: int, long_documents: str) -> Optional[list[int]]:
+    """A document's .idx lengths (EOD after the last piece), or None to drop it."""
+    size = len(ids) + 1
+    if not limit or size <= limit:
+        return [size]
     if long_documents == "drop":
         return None
-    return [document[start:start + limit] for start in range(0, document.size, limit)]
+    return [min(limit, size - start) for start in range(0, size, limit)]
 
 
 def write_documents(texts: Iterable[str], prefix: str, tokenizer, stats: DocumentStats,
                     options: WriteOptions = WriteOptions(),
-                    sidecar: Optional[dict] = None, allow_empty: bool = False) -> None:
+                    sidecar: Optional[dict] = None, allow_empty: bool = False,
+                    progress: Optional[Callable[[int, int], None]] = None) -> None:
     """Tokenize texts into prefix.bin/.idx (uint16 when the vocab fits, else int32).
 
     Written under a temporary name; `sidecar` (if given), with the final stats added, is written
     as prefix.meta.json; then .bin, sidecar and .idx are renamed into place, the .idx last, so a
     killed run never leaves a prefix that looks complete. DataPrepError when no document is usable,
-    unless allow_empty (a pipeline shard whose records were all skipped).
+    unless allow_empty (a pipeline shard whose records were all skipped). progress, if given,
+    is called after each batch with its numbers of documents and tokens.
     """
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{prefix}.tmp{os.getpid()}"
     sidecar_path, sidecar_tmp = meta_path(prefix), meta_path(tmp)
-    builder = IndexedDatasetBuilder(str(bin_path(tmp)),
-                                    dtype=DType.optimal_dtype(tokenizer.vocab_size))
-    texts = iter(texts)
+    writer = IndexedWriter(bin_path(tmp), token_dtype(tokenizer.vocab_size))
     try:
-        while batch := list(islice(texts, BATCH_DOCUMENTS)):
-            for text, ids in zip(batch, tokenizer.tokenize_batch(batch)):
+        for batch in _batches(iter(texts)):
+            batch, sizes = _encodable(batch, stats)
+            tokens, lengths = [], []
+            for ids, size in zip(tokenizer.tokenize_batch(batch), sizes):
                 pieces = _pieces(ids, tokenizer.eod, options.max_document_tokens,
                                  options.long_documents)
                 if pieces is None:
                     stats.skip("too_long")
                     continue
-                for piece in pieces:
-                    builder.add_document(piece, [piece.size])
+                ids.append(tokenizer.eod)
+                tokens.append(ids)
+                lengths += pieces
                 stats.documents += 1
                 stats.split_documents += len(pieces) > 1
-                stats.tokens += sum(piece.size for piece in pieces)
-                stats.bytes += len(text.encode("utf-8"))
-        builder.finalize(str(idx_path(tmp)))
+                stats.tokens += len(ids)
+                stats.bytes += size
+            if tokens:
+                writer.add(numpy.fromiter(chain.from_iterable(tokens), writer.dtype,
+                                          sum(lengths)), numpy.asarray(lengths))
+            if progress is not None:
+                progress(len(batch), sum(lengths))
+        writer.finalize(idx_path(tmp))
         if stats.documents == 0 and not allow_empty:
             skipped = ", ".join(f"{n} {r}" for r, n in sorted(stats.skipped.items())) or "none"
             raise DataPrepError(f"{prefix}: no usable document (skipped: {skipped}), nothing "
@@ -131,5 +167,6 @@ def write_documents(texts: Iterable[str], prefix: str, tokenizer, stats: Documen
             os.replace(sidecar_tmp, sidecar_path)
         os.replace(idx_path(tmp), idx_path(prefix))
     finally:
+        writer.close()
         for leftover in (bin_path(tmp), idx_path(tmp), sidecar_tmp):
             leftover.unlink(missing_ok=True)
