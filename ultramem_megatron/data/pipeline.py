@@ -23,7 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import indexed
-from .sources import Shard, ShardReader, expand_sources
+from .sources import SPLITTABLE, Shard, ShardReader, expand_sources, split_shard
 from .tokenizer import load_tokenizer
 from .writer import (DataPrepError, DocumentStats, WriteOptions, bin_path, idx_path, is_prepared,
                      meta_path, usable_texts, write_documents)
@@ -37,24 +37,16 @@ class Interrupted(DataPrepError):
 
 
 class Counters:
-    """Documents, tokens and input bytes done, shared with forked workers (or plain, in-process)."""
+    """Documents, tokens and input bytes done, in shared memory that forked workers inherit."""
 
-    def __init__(self, shared: bool) -> None:
-        make = (lambda: Value("q", 0)) if shared else _Plain
-        self.documents, self.tokens, self.consumed = make(), make(), make()
+    def __init__(self) -> None:
+        self.documents, self.tokens, self.consumed = Value("q", 0), Value("q", 0), Value("q", 0)
 
     def add(self, documents: int, tokens: int, consumed: int) -> None:
         for counter, amount in ((self.documents, documents), (self.tokens, tokens),
                                 (self.consumed, consumed)):
-            if hasattr(counter, "get_lock"):
-                with counter.get_lock():
-                    counter.value += amount
-            else:
+            with counter.get_lock():
                 counter.value += amount
-
-
-class _Plain:
-    value = 0
 
 
 def tokenize_shard(shard: Shard, prefix: str, options: WriteOptions, tokenizer,
@@ -157,9 +149,10 @@ def run_pipeline(subsets: dict[str, list[str]], out_dir: str | Path, tokenizer, 
         tokenizer = load_tokenizer(tokenizer)
     files = {subset: expand_sources(sources) for subset, sources in subsets.items()}
     plain = sum(shard.size for shards in files.values() for shard in shards
-                if shard.path.endswith((".jsonl", ".json")))
+                if shard.path.endswith(SPLITTABLE))
     split = split_size(out_dir, split_bytes, plain, max(workers, task[1]))
-    plan = {subset: expand_sources(sources, split) for subset, sources in subsets.items()}
+    plan = {subset: [part for shard in shards for part in split_shard(shard, split)]
+            for subset, shards in files.items()}
     tasks = [(subset, shard, shard_prefix(out_dir, subset, shard))
              for subset, shards in plan.items() for shard in shards]
     pending = [t for t in tasks[task[0]::task[1]] if not is_prepared(t[2])]
@@ -199,7 +192,7 @@ def _run_tasks(pending: list, tokenizer, workers: int, options: WriteOptions, re
     """Tokenize the pending shards, in this process or in `workers` forked processes; fills
     results. The bar advances per document batch. Ctrl-C stops the workers at once (finished
     shards stay; a rerun does the rest)."""
-    counters = Counters(shared=workers > 1)
+    counters = Counters()
     total = sum(shard.size for _, shard, _ in pending)
     bar = tqdm(total=total, unit="B", unit_scale=True, disable=not progress or not pending,
                desc="tokenize", smoothing=0.1)

@@ -72,28 +72,33 @@ def expand_sources(sources: str | Sequence[str], split_bytes: int = 0) -> list[S
                 raise SourceError(f"{path}: unknown format (expected one of {FILE_SUFFIXES})")
             _open(path).close()   # unreadable files are refused before any work
             tag = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8]
-            shards += _file_parts(f"{_safe_name(Path(path).name)}-{tag}", path, split_bytes)
-    return shards
+            shards.append(Shard(f"{_safe_name(Path(path).name)}-{tag}", path,
+                                size=os.path.getsize(path)))
+    return [part for shard in shards for part in split_shard(shard, split_bytes)]
 
 
-def _file_parts(name: str, path: str, split_bytes: int) -> list[Shard]:
-    size = os.path.getsize(path)
-    if split_bytes and path.endswith(SPLITTABLE) and size > split_bytes:
+def split_shard(shard: Shard, split_bytes: int) -> list[Shard]:
+    """A whole file's shard as its parts of about split_bytes (itself when it needs no cut)."""
+    name, path, size = shard.name, shard.path, shard.size
+    if not split_bytes or shard.hf_shard is not None:
+        return [shard]
+    if path.endswith(SPLITTABLE) and size > split_bytes:
         count = -(-size // split_bytes)
         bounds = [size * i // count for i in range(count + 1)]
         return [Shard(f"{name}.b{a:013d}-{b:013d}", path, start=a, end=b, size=b - a)
                 for a, b in zip(bounds, bounds[1:])]
-    if split_bytes and path.endswith(".parquet"):
-        return _row_group_parts(name, path, split_bytes)
-    return [Shard(name, path, size=size)]
+    if path.endswith(".parquet"):
+        return _row_group_parts(shard, split_bytes)
+    return [shard]
 
 
-def _row_group_parts(name: str, path: str, split_bytes: int) -> list[Shard]:
+def _row_group_parts(shard: Shard, split_bytes: int) -> list[Shard]:
     """Consecutive row groups of about split_bytes (their uncompressed size) per part."""
+    name, path = shard.name, shard.path
     metadata = _parquet_file(path).metadata
     sizes = [metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups)]
     if len(sizes) <= 1 or sum(sizes) <= split_bytes:
-        return [Shard(name, path, size=os.path.getsize(path))]
+        return [shard]
     parts, start, total = [], 0, 0
     for group, group_size in enumerate(sizes):
         total += group_size
