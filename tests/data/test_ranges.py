@@ -188,9 +188,15 @@ def test_slurm_array_tasks_then_merge_equal_one_run(tmp_path, tiny):
     manifest = run_pipeline(subsets, tmp_path / "array", tiny, progress=False, merge_only=True)
     assert merged(tmp_path / "array") == merged(tmp_path / "one")
     assert len(manifest["subsets"]["all"]["shards"]) > 3   # the recorded split size was reused
-    with pytest.raises(DataPrepError, match="not written yet"):
+    for index in (0, 2):   # task 1 failed
         run_pipeline(subsets, tmp_path / "partial", tiny, progress=False, split_bytes=5_000,
-                     merge_only=True)
+                     task=(index, 3))
+    with pytest.raises(DataPrepError, match=r"task\(s\) 1 of 3 are not written yet"):
+        run_pipeline(subsets, tmp_path / "partial", tiny, progress=False, merge_only=True,
+                     task=(0, 3))
+    run_pipeline(subsets, tmp_path / "partial", tiny, progress=False, task=(1, 3))
+    run_pipeline(subsets, tmp_path / "partial", tiny, progress=False, merge_only=True, task=(0, 3))
+    assert merged(tmp_path / "partial") == merged(tmp_path / "one")
 
 
 def test_tokenizer_default_path_loads_from_any_directory(tmp_path):
@@ -201,7 +207,8 @@ def test_tokenizer_default_path_loads_from_any_directory(tmp_path):
     assert result.stdout.strip() == "0"
 
 
-def test_ctrl_c_stops_two_workers_within_seconds(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])   # Ctrl-C; scancel, preemption
+def test_ctrl_c_stops_two_workers_within_seconds(tmp_path, stop):
     source = REPO / "data" / "fixture"
     lines = [line for f in sorted(source.glob("*.jsonl")) for line in f.read_text().splitlines()]
     pieces = tmp_path / "src"
@@ -216,7 +223,7 @@ def test_ctrl_c_stops_two_workers_within_seconds(tmp_path):
     deadline = time.time() + 120
     while not list(shards.glob("*.idx")) and time.time() < deadline:
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     start = time.time()
     _, stderr = process.communicate(timeout=60)
     assert time.time() - start < 10, stderr   # measured about 1 s; a busy CI machine gets slack
@@ -224,5 +231,7 @@ def test_ctrl_c_stops_two_workers_within_seconds(tmp_path):
     done = len(list(shards.glob("*.idx")))
     assert 1 <= done < 12
     assert not (tmp_path / "out" / "all.idx").exists()
+    if stop == signal.SIGTERM:
+        return   # the rerun below is the same for both
     subprocess.run(command, cwd=REPO, env=subprocess_env(), check=True, capture_output=True)
     assert len(list(shards.glob("*.idx"))) == 12 and not list(shards.glob("*.tmp*"))

@@ -1,9 +1,11 @@
-"""The launch tests start multi-rank jobs, which never tokenize: prepare the fixture first."""
+"""The launch tests start multi-rank jobs, which never tokenize: prepare the fixture first.
+The Slurm tests share one single-node cluster."""
 
 import os
 
 import pytest
 
+from tests.launch.slurm_cluster import PACKAGES, SlurmCluster, missing_tools
 from tests.training.conftest import ROOT, SMALL
 from ultramem_megatron.config import load_config
 
@@ -21,3 +23,17 @@ def prepared_fixture() -> None:
         ensure_prepared(data, load_tokenizer(data.tokenizer))
     finally:
         os.chdir(cwd)
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A real slurmctld + slurmd (CI installs them; skipped elsewhere without them or root)."""
+    missing = missing_tools()
+    if missing and not os.environ.get("CI"):
+        pytest.skip(f"no Slurm here ({', '.join(missing)} missing): apt-get install {PACKAGES}")
+    assert not missing, f"CI must have Slurm: apt-get install {PACKAGES} (missing {missing})"
+    if os.geteuid() != 0:
+        pytest.skip("starting slurmctld / slurmd needs root")
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()

@@ -2,7 +2,6 @@
 the tiny config; then a run warned before its time limit (USR1) and one preempted (SIGTERM) both
 requeue, resume and end with the uninterrupted run's losses."""
 
-import os
 import re
 import subprocess
 import sys
@@ -13,24 +12,11 @@ import pytest
 
 from tests.conftest import subprocess_env
 from tests.launch.processes import last_step, wait_for_step
-from tests.launch.slurm_cluster import PACKAGES, SlurmCluster, missing_tools
+from tests.launch.slurm_cluster import SlurmCluster
 from tests.training.conftest import ROOT, SMALL, losses
 
 pytestmark = pytest.mark.slow
 STEPS = ["train.max_steps=24", "train.save_interval=1000"]
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    missing = missing_tools()
-    if missing and not os.environ.get("CI"):
-        pytest.skip(f"no Slurm here ({', '.join(missing)} missing): apt-get install {PACKAGES}")
-    assert not missing, f"CI must have Slurm: apt-get install {PACKAGES} (missing {missing})"
-    if os.geteuid() != 0:
-        pytest.skip("starting slurmctld / slurmd needs root")
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
-    yield cluster
-    cluster.stop()
 
 
 def submit(slurm: SlurmCluster, run_dir: Path, *extra: str) -> str:

@@ -6,7 +6,7 @@ the tasks of a Slurm array, resumable, merged per subset in a fixed order, with 
 #   OUT/shards/SUBSET/SHARD.{bin,idx,meta.json}   one per input shard; .idx renamed in last
 #   OUT/SUBSET.{bin,idx}                          the subset's shards merged in shard-name order
 #   OUT/manifest.json                             tokenizer, options, per-subset and per-shard counts
-#   OUT/plan.json                                 the split size the shards were cut with
+#   OUT/plan.json                                 the split size and options the shards share
 # Each shard depends only on its input, and the merge order is fixed, so the bytes do not depend
 # on the number of workers, the split size, or on which run or task wrote a shard.
 
@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from multiprocessing import Value, get_context
 from pathlib import Path
 
@@ -25,10 +26,12 @@ from tqdm import tqdm
 from . import indexed
 from .sources import SPLITTABLE, Shard, ShardReader, expand_sources, split_shard
 from .tokenizer import load_tokenizer
-from .writer import (DataPrepError, DocumentStats, WriteOptions, bin_path, idx_path, is_prepared,
-                     meta_path, usable_texts, write_documents)
+from .writer import (DataPrepError, DocumentStats, WriteOptions, bin_path, count_tokens, idx_path,
+                     is_prepared, meta_path, usable_texts, write_documents)
 
 MIB = 1 << 20
+PROBE_BYTES = 8 * MIB   # input read per subset to estimate its tokens (--max-tokens)
+PROBE_SHARDS = 8        # ... spread over this many of its shards
 _WORKER = {}   # what a forked worker inherits: its tokenizer, options and progress counters
 
 
@@ -60,7 +63,7 @@ def tokenize_shard(shard: Shard, prefix: str, options: WriteOptions, tokenizer,
         counters.add(documents, tokens, reader.consumed - last[0])
         last[0] = reader.consumed
 
-    write_documents(usable_texts(reader, stats), prefix, tokenizer, stats, options,
+    write_documents(usable_texts(reader, stats, options.sample), prefix, tokenizer, stats, options,
                     sidecar={"shard": asdict(shard)}, allow_empty=True,
                     progress=progress if counters is not None else None)
     if counters is not None:
@@ -70,6 +73,11 @@ def tokenize_shard(shard: Shard, prefix: str, options: WriteOptions, tokenizer,
 
 def _worker_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's terminate() ends a worker
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt   # SIGTERM (Slurm's preemption, scancel) stops a run like Ctrl-C
 
 
 def _worker_task(task: tuple) -> tuple:
@@ -117,31 +125,78 @@ def _check_writable(out_dir: Path) -> None:
                             f"({err.strerror or err})") from None
 
 
-def split_size(out_dir: Path, requested: int | None, plain_bytes: int, workers: int) -> int:
-    """The byte size plain JSON-lines files are cut at: as requested, else the one this OUT was
-    planned with (so a rerun finds its finished ranges), else about four ranges per worker,
-    between 4 and 256 MiB."""
-    plan = out_dir / "plan.json"
-    if requested is None and plan.is_file():
-        return json.loads(plan.read_text())["split_bytes"]
-    chosen = requested or min(256, max(4, plain_bytes // (4 * workers * MIB))) * MIB
-    _write_json(plan, {"split_bytes": chosen})
-    return chosen
+def default_split(plain_bytes: int, workers: int) -> int:
+    """The byte size plain JSON-lines files are cut at unless asked: about four ranges per
+    worker, between 4 and 256 MiB."""
+    return min(256, max(4, plain_bytes // (4 * workers * MIB))) * MIB
+
+
+def estimate_tokens(shards: list[Shard], tokenizer, options: WriteOptions) -> float:
+    """A subset's tokens without sampling, estimated from up to PROBE_SHARDS of its shards
+    (evenly spaced), each read for its share of PROBE_BYTES: tokens per input byte read, times
+    the subset's input bytes."""
+    if any(shard.hf_shard is not None for shard in shards):
+        raise DataPrepError(f"{shards[0].path}: a stream has no size to sample --max-tokens "
+                            "from; give --sample RATE instead")
+    step = max(1, len(shards) // PROBE_SHARDS)
+    tokens = consumed = 0
+    for shard in shards[::step][:PROBE_SHARDS]:
+        reader, texts, stats = ShardReader(shard, options.text_key), [], DocumentStats()
+        for text in usable_texts(reader, stats):
+            texts.append(text)
+            if reader.consumed >= PROBE_BYTES // PROBE_SHARDS:
+                break
+        tokens += count_tokens(texts, tokenizer)
+        consumed += reader.consumed or shard.size
+    return tokens / max(consumed, 1) * sum(shard.size for shard in shards)
+
+
+def plan_run(out_dir: Path, split_bytes: int | None, fallback_split: int, options: WriteOptions,
+             max_tokens: int | None, plan_sample) -> tuple[int, WriteOptions]:
+    """The split size and options of OUT's shards. The first run records them in OUT/plan.json;
+    a rerun or another task of a Slurm array reads them back (so it finds the finished shards),
+    and one that asks for other options is refused: its shards would not fit the finished ones.
+    The split size is as asked, else as planned, else fallback_split. With max_tokens,
+    plan_sample() chooses the sample rate (recorded with it)."""
+    path = out_dir / "plan.json"
+    planned = json.loads(path.read_text()) if path.is_file() else {}
+    if "options" in planned:
+        same_sample = (planned.get("max_tokens") == max_tokens if max_tokens else
+                       planned.get("max_tokens") is None)
+        wanted = replace(options, sample=planned["options"]["sample"]) if max_tokens else options
+        if not same_sample or asdict(wanted) != planned["options"]:
+            asked = {**asdict(options), "max_tokens": max_tokens}
+            raise DataPrepError(
+                f"{out_dir} was planned with options {planned['options']} (max_tokens "
+                f"{planned.get('max_tokens')}), not {asked}: its finished shards would not fit. "
+                f"Use another output directory, or delete {path} and {out_dir}/shards")
+        options = wanted
+    elif max_tokens:
+        options = replace(options, sample=plan_sample())
+    split = split_bytes or planned.get("split_bytes") or fallback_split
+    record = {"split_bytes": split, "options": asdict(options), "max_tokens": max_tokens}
+    if record != planned:
+        _write_json(path, record)
+    return split, options
 
 
 def run_pipeline(subsets: dict[str, list[str]], out_dir: str | Path, tokenizer, *,
                  workers: int = 1, options: WriteOptions = WriteOptions(), merge: bool = True,
                  progress: bool = True, split_bytes: int | None = None,
-                 task: tuple[int, int] = (0, 1), merge_only: bool = False) -> dict | None:
+                 max_tokens: int | None = None, task: tuple[int, int] = (0, 1),
+                 merge_only: bool = False) -> dict | None:
     """Tokenize every subset's sources (globs or hf: specs) into OUT; returns the manifest.
 
     tokenizer: an HFTokenizer (forked workers inherit it) or a name/path. Large plain JSON-lines
     files are cut into byte ranges of split_bytes (see split_size), parquet files into row-group
-    runs, so that workers share one file. Finished shards are kept and skipped on a rerun (one run
-    per OUT at a time: a run deletes the temporary files it finds there). Shards that fail (a
-    corrupt file, say) are reported together in one DataPrepError after the others finished, so
-    a rerun redoes only them. task=(i, n) runs only shards i, i + n, ... and returns None (a
-    Slurm array task); merge_only tokenizes nothing and merges what the tasks wrote.
+    runs, so that workers share one file. options.sample keeps that fraction of the documents
+    (writer.in_sample); max_tokens chooses the fraction that gives about that many tokens.
+    Finished shards are kept and skipped on a rerun (one run per OUT at a time: a run deletes
+    the temporary files it finds there). Shards that fail (a corrupt file, say) are reported
+    together in one DataPrepError after the others finished, so a rerun redoes only them.
+    task=(i, n) runs only shards i, i + n, ... and returns None (a Slurm array task);
+    merge_only tokenizes nothing and merges what n tasks wrote, naming the tasks to rerun when
+    shards are missing.
     """
     out_dir = Path(out_dir)
     _check_writable(out_dir)
@@ -150,15 +205,30 @@ def run_pipeline(subsets: dict[str, list[str]], out_dir: str | Path, tokenizer, 
     files = {subset: expand_sources(sources) for subset, sources in subsets.items()}
     plain = sum(shard.size for shards in files.values() for shard in shards
                 if shard.path.endswith(SPLITTABLE))
-    split = split_size(out_dir, split_bytes, plain, max(workers, task[1]))
-    plan = {subset: [part for shard in shards for part in split_shard(shard, split)]
-            for subset, shards in files.items()}
+
+    def plan_for(split: int) -> dict[str, list[Shard]]:
+        return {subset: [part for shard in shards for part in split_shard(shard, split)]
+                for subset, shards in files.items()}
+
+    def sample_for_max_tokens() -> float:
+        parts = plan_for(default_split(plain, 1))
+        total = sum(estimate_tokens(shards, tokenizer, options) for shards in parts.values())
+        return min(1.0, max_tokens / max(total, 1.0))
+
+    split, options = plan_run(out_dir, split_bytes, default_split(plain, max(workers, task[1])),
+                              options, max_tokens, sample_for_max_tokens)
+    plan = plan_for(split)
     tasks = [(subset, shard, shard_prefix(out_dir, subset, shard))
              for subset, shards in plan.items() for shard in shards]
-    pending = [t for t in tasks[task[0]::task[1]] if not is_prepared(t[2])]
-    if merge_only and pending:
-        raise DataPrepError(f"{len(pending)} of {len(tasks)} shards are not written yet (e.g. "
-                            f"{pending[0][2]}); rerun the tokenizing tasks first")
+    if merge_only:
+        missing = sorted({i % task[1] for i, t in enumerate(tasks) if not is_prepared(t[2])})
+        if missing:
+            raise DataPrepError(
+                f"the shards of task(s) {', '.join(map(str, missing))} of {task[1]} are not "
+                f"written yet (failed, cancelled or still running); rerun those tasks (e.g. "
+                f"--task-index {missing[0]} --task-count {task[1]}, or a Slurm array "
+                f"--array={','.join(map(str, missing))}), then merge again")
+    pending = [] if merge_only else [t for t in tasks[task[0]::task[1]] if not is_prepared(t[2])]
     if task[1] == 1:
         for stale in (out_dir / "shards").glob("*/*.tmp*"):   # left by a killed run
             stale.unlink()
@@ -167,12 +237,13 @@ def run_pipeline(subsets: dict[str, list[str]], out_dir: str | Path, tokenizer, 
     if failures:
         raise DataPrepError(f"{len(failures)} of {len(tasks)} shards failed (the others are kept; "
                             "a rerun redoes only these):\n" + "\n".join(failures))
-    if task[1] > 1:
+    if task[1] > 1 and not merge_only:
         return None
     for subset, shard, prefix in tasks:
         if prefix not in results:
             results[prefix] = json.loads(meta_path(prefix).read_text())
     manifest = _manifest(out_dir, plan, results, tokenizer, options)
+    manifest["max_tokens"] = max_tokens
     empty = [name for name in plan if manifest["subsets"][name]["documents"] == 0]
     if empty:
         raise DataPrepError(f"subset(s) {', '.join(empty)}: no usable document in any shard; "
@@ -190,8 +261,8 @@ def run_pipeline(subsets: dict[str, list[str]], out_dir: str | Path, tokenizer, 
 def _run_tasks(pending: list, tokenizer, workers: int, options: WriteOptions, results: dict,
                progress: bool) -> list[str]:
     """Tokenize the pending shards, in this process or in `workers` forked processes; fills
-    results. The bar advances per document batch. Ctrl-C stops the workers at once (finished
-    shards stay; a rerun does the rest)."""
+    results. The bar advances per document batch. Ctrl-C or SIGTERM stops the workers at once
+    (finished shards stay; a rerun does the rest)."""
     counters = Counters()
     total = sum(shard.size for _, shard, _ in pending)
     bar = tqdm(total=total, unit="B", unit_scale=True, disable=not progress or not pending,
@@ -212,6 +283,8 @@ def _run_tasks(pending: list, tokenizer, workers: int, options: WriteOptions, re
         else:
             results[prefix] = counts
 
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
         if workers <= 1:
             _WORKER.update(tokenizer=tokenizer, options=options, counters=counters)
@@ -226,6 +299,8 @@ def _run_tasks(pending: list, tokenizer, workers: int, options: WriteOptions, re
                             "kept; rerun the same command to do the rest") from None
     finally:
         _WORKER.clear()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     refresh()
     bar.close()
     return sorted(failures)
@@ -269,8 +344,8 @@ def _manifest(out_dir: Path, plan: dict, results: dict, tokenizer, options: Writ
         total, rows = DocumentStats(), []
         for shard in shards:
             counts = results[shard_prefix(out_dir, subset, shard)]
-            shard_stats = DocumentStats(**{k: counts[k] for k in ("documents", "tokens", "bytes",
-                                                                  "split_documents", "skipped")})
+            shard_stats = DocumentStats(**{k: counts.get(k, 0) for k in (
+                "documents", "tokens", "bytes", "split_documents", "unsampled", "skipped")})
             total.add(shard_stats)
             rows.append({"name": shard.name, "source": shard.path, **shard_stats.as_dict()})
         manifest["subsets"][subset] = {**total.as_dict(), "prefix": str(out_dir / subset),
@@ -280,11 +355,19 @@ def _manifest(out_dir: Path, plan: dict, results: dict, tokenizer, options: Writ
 
 
 def describe(manifest: dict) -> str:
-    """A few lines for the console: per subset, documents, tokens, bytes, skips."""
-    lines = []
-    for name, entry in manifest["subsets"].items():
+    """A few lines for the console: per subset, documents, tokens, bytes, skips; the sample."""
+    lines, subsets = [], manifest["subsets"]
+    for name, entry in subsets.items():
         skipped = ", ".join(f"{n} {r}" for r, n in entry["skipped"].items()) or "none"
         lines.append(f"{name}: {entry['documents']} documents, {entry['tokens']} tokens, "
                      f"{entry['bytes'] / 1e6:.1f} MB of text from {len(entry['shards'])} shard(s); "
                      f"{entry['split_documents']} split; skipped: {skipped}")
+    rate = manifest["options"].get("sample", 1.0)
+    if rate < 1.0:
+        kept = sum(entry["documents"] for entry in subsets.values())
+        left = sum(entry.get("unsampled", 0) for entry in subsets.values())
+        tokens = sum(entry["tokens"] for entry in subsets.values())
+        target = manifest.get("max_tokens")
+        lines.append(f"sample: rate {rate:.6g} kept {kept} of {kept + left} usable documents, "
+                     f"{tokens} tokens" + (f" (--max-tokens {target})" if target else ""))
     return "\n".join(lines)

@@ -43,7 +43,7 @@ def prepare_jsonl(sources: str | Sequence[str], prefix: str, tokenizer: HFTokeni
     stats = PrepareStats(prefix=str(prefix), files=[shard.path for shard in shards])
     records = (record for shard in shards for record in read_shard(shard, options.text_key))
     try:
-        write_documents(usable_texts(records, stats), str(prefix), tokenizer, stats, options,
+        write_documents(usable_texts(records, stats, options.sample), str(prefix), tokenizer, stats, options,
                         sidecar={"prefix": str(prefix), "files": stats.files,
                                  "tokenizer": tokenizer.name_or_path,
                                  "tokenizer_fingerprint": tokenizer.fingerprint,

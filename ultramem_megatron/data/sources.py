@@ -64,7 +64,8 @@ def expand_sources(sources: str | Sequence[str], split_bytes: int = 0) -> list[S
         if pattern.startswith(HF_PREFIX):
             shards += _hf_shards(pattern)
             continue
-        matched = sorted(p for p in glob.glob(os.path.expanduser(pattern)) if Path(p).is_file())
+        matched = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+                         if Path(p).is_file())
         if not matched:
             raise SourceError(f"no file matches {pattern!r}")
         for path in matched:
@@ -75,6 +76,28 @@ def expand_sources(sources: str | Sequence[str], split_bytes: int = 0) -> list[S
             shards.append(Shard(f"{_safe_name(Path(path).name)}-{tag}", path,
                                 size=os.path.getsize(path)))
     return [part for shard in shards for part in split_shard(shard, split_bytes)]
+
+
+def layout_subsets(root: str) -> tuple[dict[str, list[str]], list[str]]:
+    """A corpus laid out as RedPajama-Data-1T is (`wget -x` of its urls.txt): one folder per
+    subset (arxiv, book, c4, common_crawl/DUMP, github, stackexchange, wikipedia) holding
+    *.jsonl and *.jsonl.zst files at any depth. Returns subset -> glob patterns (one per file
+    suffix present) and the files it leaves out (other names: checksums, listings)."""
+    top = Path(os.path.expanduser(root))
+    if not top.is_dir():
+        raise SourceError(f"{root}: not a directory (expected one folder per subset)")
+    subsets, ignored = {}, []
+    for folder in sorted(p for p in top.iterdir() if p.is_dir()):
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        suffixes = sorted({next(s for s in FILE_SUFFIXES if p.name.endswith(s)) for p in files
+                           if p.name.endswith(FILE_SUFFIXES)})
+        ignored += [str(p) for p in files if not p.name.endswith(FILE_SUFFIXES)]
+        if suffixes:
+            subsets[_safe_name(folder.name)] = [f"{folder}/**/*{suffix}" for suffix in suffixes]
+    ignored += [str(p) for p in top.iterdir() if p.is_file()]
+    if not subsets:
+        raise SourceError(f"{root}: no subset folder holds {', '.join(FILE_SUFFIXES)} files")
+    return subsets, sorted(ignored)
 
 
 def split_shard(shard: Shard, split_bytes: int) -> list[Shard]:

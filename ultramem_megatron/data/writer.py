@@ -4,6 +4,7 @@ place only when complete."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ class WriteOptions:
     text_key: str = "text"
     max_document_tokens: int = 0                          # 0: no limit (EOD included)
     long_documents: Literal["split", "drop"] = "split"    # what to do over the limit
+    sample: float = 1.0                                   # keep this fraction of documents
 
 
 @dataclass
@@ -35,6 +37,7 @@ class DocumentStats:
     tokens: int = 0                    # including one EOD per document
     bytes: int = 0                     # UTF-8 bytes of the kept texts
     split_documents: int = 0           # kept documents cut into pieces at max_document_tokens
+    unsampled: int = 0                 # usable documents left out of a sample (WriteOptions.sample)
     skipped: dict[str, int] = field(default_factory=dict)
 
     def skip(self, reason: str) -> None:
@@ -45,6 +48,7 @@ class DocumentStats:
         self.tokens += other.tokens
         self.bytes += other.bytes
         self.split_documents += other.split_documents
+        self.unsampled += other.unsampled
         for reason, count in other.skipped.items():
             self.skipped[reason] = self.skipped.get(reason, 0) + count
 
@@ -69,14 +73,27 @@ def is_prepared(prefix: str) -> bool:
     return bin_path(prefix).is_file() and idx_path(prefix).is_file()
 
 
+def in_sample(text: str, rate: float) -> bool:
+    """Whether a document belongs to a sample of `rate`: its text's hash, read as a number in
+    [0, 1), is below rate. Depends on the text alone, so a sample is the same for any split,
+    worker count or file format, and a smaller rate's sample lies inside a larger one's."""
+    if rate >= 1.0:
+        return True
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < rate * 2**64
+
+
 def usable_texts(records: Iterable[tuple[Optional[str], Optional[str]]],
-                 stats: DocumentStats) -> Iterator[str]:
-    """The texts of (reason, text) records; the others are counted in stats by reason."""
+                 stats: DocumentStats, sample: float = 1.0) -> Iterator[str]:
+    """The texts of (reason, text) records in the sample; the others are counted in stats (by
+    skip reason, or as unsampled)."""
     for reason, text in records:
-        if reason is None:
+        if reason is not None:
+            stats.skip(reason)
+        elif in_sample(text, sample):
             yield text
         else:
-            stats.skip(reason)
+            stats.unsampled += 1
 
 
 def _batches(texts: Iterator[str]) -> Iterator[list[str]]:
@@ -104,6 +121,16 @@ def _encodable(batch: list[str], stats: DocumentStats) -> tuple[list[str], list[
             continue
         texts.append(text)
     return texts, sizes
+
+
+def count_tokens(texts: list[str], tokenizer) -> int:
+    """The tokens texts would be written as (one EOD each), texts the tokenizer cannot take left
+    out."""
+    tokens = 0
+    for batch in _batches(iter(texts)):
+        batch, _ = _encodable(batch, DocumentStats())
+        tokens += sum(len(ids) + 1 for ids in tokenizer.tokenize_batch(batch))
+    return tokens
 
 
 def _pieces(ids: list[int], eod: int, limit: int, long_documents: str) -> Optional[list[int]]:
