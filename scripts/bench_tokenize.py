@@ -11,7 +11,11 @@ and merge included), into a fresh output directory:
 - ours: scripts/prepare_data.py --workers N (one file is cut into byte ranges);
 - megatron-lm (with --megatron-lm PATH): PATH/tools/preprocess_data.py --workers N
   --tokenizer-type HuggingFaceTokenizer --append-eod, once per file for many files;
-- floor: the texts already in memory, `tokenizers` encode_batch with N threads, the encode only.
+- floor: the texts already in memory, `tokenizers` encode_batch_fast (no offsets; encode_batch on
+  older versions) with N threads, the encode only.
+N workers get N cores: a 1-worker row runs with RAYON_NUM_THREADS=1 (our single process would
+otherwise encode its batches on every core; Megatron-LM encodes one document at a time), and
+with N > 1 each of our workers takes one thread.
 Prints median and spread (min-max) per row, ours/megatron and ours/floor ratios, our start-up
 (a one-record run), and whether every .bin and .idx is byte-identical. Exits 1 if they differ.
 """
@@ -38,7 +42,7 @@ from tokenizers import Tokenizer
 texts = [json.loads(line)["text"] for path in sys.argv[2:] for line in open(path)]
 tokenizer = Tokenizer.from_file(sys.argv[1] + "/tokenizer.json")
 start = time.perf_counter()
-tokenizer.encode_batch(texts, add_special_tokens=False)
+getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)(texts, add_special_tokens=False)
 print(time.perf_counter() - start)
 """
 
@@ -73,6 +77,8 @@ def timed(command: list[str], env: dict) -> float:
 
 
 def ours(files: list[str], workers: int, out: str, tokenizer: str, env: dict) -> tuple[float, str]:
+    if workers == 1:
+        env = {**env, "RAYON_NUM_THREADS": "1"}
     seconds = timed([sys.executable, str(REPO / "scripts/prepare_data.py"), "--tokenizer",
                      tokenizer, "--workers", str(workers), "--output-dir", out,
                      *[f"--subset=all={path}" for path in files]], env)

@@ -161,10 +161,8 @@ def plan_run(out_dir: Path, split_bytes: int | None, fallback_split: int, option
     path = out_dir / "plan.json"
     planned = json.loads(path.read_text()) if path.is_file() else {}
     if "options" in planned:
-        same_sample = (planned.get("max_tokens") == max_tokens if max_tokens else
-                       planned.get("max_tokens") is None)
         wanted = replace(options, sample=planned["options"]["sample"]) if max_tokens else options
-        if not same_sample or asdict(wanted) != planned["options"]:
+        if planned.get("max_tokens") != max_tokens or asdict(wanted) != planned["options"]:
             asked = {**asdict(options), "max_tokens": max_tokens}
             raise DataPrepError(
                 f"{out_dir} was planned with options {planned['options']} (max_tokens "
