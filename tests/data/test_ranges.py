@@ -207,6 +207,11 @@ def test_tokenizer_default_path_loads_from_any_directory(tmp_path):
     assert result.stdout.strip() == "0"
 
 
+def default_signals() -> None:
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])   # Ctrl-C; scancel, preemption
 def test_ctrl_c_stops_two_workers_within_seconds(tmp_path, stop):
     source = REPO / "data" / "fixture"
@@ -217,8 +222,10 @@ def test_ctrl_c_stops_two_workers_within_seconds(tmp_path, stop):
         (pieces / f"part{i:02d}.jsonl").write_text("\n".join(4 * (lines[i:] + lines[:i])) + "\n")
     command = [sys.executable, "scripts/prepare_data.py", "--subset", f"all={pieces}/*.jsonl",
                "--workers", "2", "--output-dir", str(tmp_path / "out")]
+    # a shell's background job (`cmd &`) starts with SIGINT ignored, and its children inherit
+    # that: this test must not depend on how the suite was launched
     process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
     shards = tmp_path / "out" / "shards" / "all"
     deadline = time.time() + 120
     while not list(shards.glob("*.idx")) and time.time() < deadline:
