@@ -6,18 +6,22 @@ vs the tokenizer's floor, at 1..N workers, on one file and on the same text in m
     .venv/bin/python scripts/bench_tokenize.py --quick          # the fixture, 1 run, no baseline
 
 The input's records are written once as plain JSON lines: one file, and --files files that
-together hold the same records in the same order. Every row is a fresh process timed wall clock (start-up, tokenizer load
-and merge included), into a fresh output directory:
+together hold the same records in the same order. Every row is a fresh process timed wall clock
+(start-up, tokenizer load and merge included), into a fresh output directory:
 - ours: scripts/prepare_data.py --workers N (one file is cut into byte ranges);
 - megatron-lm (with --megatron-lm PATH): PATH/tools/preprocess_data.py --workers N
   --tokenizer-type HuggingFaceTokenizer --append-eod, once per file for many files;
-- floor: the texts already in memory, `tokenizers` encode_batch_fast (no offsets; encode_batch on
-  older versions) with N threads, the encode only.
+- floor: the texts already in memory, `tokenizers` encode_batch with N threads, the encode only
+  (the issue's floor: what a transformers fast tokenizer's batch call runs);
+- fast-floor: the same with encode_batch_fast (ids without offsets, which is what we call; the
+  stricter floor; encode_batch on tokenizers versions without it).
 N workers get N cores: a 1-worker row runs with RAYON_NUM_THREADS=1 (our single process would
 otherwise encode its batches on every core; Megatron-LM encodes one document at a time), and
 with N > 1 each of our workers takes one thread.
-Prints median and spread (min-max) per row, ours/megatron and ours/floor ratios, our start-up
-(a one-record run), and whether every .bin and .idx is byte-identical. Exits 1 if they differ.
+The rows take turns run by run, and a ratio is the median of the runs' ratios, so a drift in
+the machine's speed falls on both sides of it. Prints median and spread (min-max) per row, the
+ratios of ours to the others, our start-up (a one-record run), and whether every .bin and .idx is
+byte-identical. Exits 1 if they differ.
 """
 
 from __future__ import annotations
@@ -39,10 +43,11 @@ REPO = Path(__file__).resolve().parents[1]
 FLOOR = """
 import json, os, sys, time
 from tokenizers import Tokenizer
-texts = [json.loads(line)["text"] for path in sys.argv[2:] for line in open(path)]
+texts = [json.loads(line)["text"] for path in sys.argv[3:] for line in open(path)]
 tokenizer = Tokenizer.from_file(sys.argv[1] + "/tokenizer.json")
+encode = getattr(tokenizer, sys.argv[2], tokenizer.encode_batch)
 start = time.perf_counter()
-getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)(texts, add_special_tokens=False)
+encode(texts, add_special_tokens=False)
 print(time.perf_counter() - start)
 """
 
@@ -104,23 +109,32 @@ def megatron(files: list[str], workers: int, out: str, tokenizer: str, root: str
     return seconds, digest(f"{out}/all")
 
 
-def floor(files: list[str], threads: int, tokenizer: str, env: dict) -> tuple[float, str]:
-    result = subprocess.run([sys.executable, "-c", FLOOR, tokenizer, *files], capture_output=True,
-                            text=True, check=True, env={**env, "RAYON_NUM_THREADS": str(threads)})
+def floor(files: list[str], threads: int, tokenizer: str, env: dict,
+          method: str) -> tuple[float, str]:
+    result = subprocess.run([sys.executable, "-c", FLOOR, tokenizer, method, *files],
+                            capture_output=True, text=True, check=True,
+                            env={**env, "RAYON_NUM_THREADS": str(threads)})
     return float(result.stdout), ""
+
+
+def paired_ratio(ours_times: list[float], other_times: list[float]) -> float:
+    """The median over runs of ours / other, each run's pair timed back to back."""
+    return statistics.median(a / b for a, b in zip(ours_times, other_times))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", nargs="+", default=["data/fixture/*.jsonl"])
     parser.add_argument("--files", type=int, default=8, help="files of the many-file layout")
-    parser.add_argument("--max-workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--workers", type=int, nargs="+",
+                        help="worker counts to run (default: 1 to the number of CPUs)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--megatron-lm", help="a Megatron-LM source tree (tools/preprocess_data.py)")
     parser.add_argument("--tokenizer", default=str(REPO / "data/tokenizers/gpt-neox-20b"))
     parser.add_argument("--quick", action="store_true", help="1 run, up to 2 workers")
     args = parser.parse_args()
-    runs, max_workers = (1, min(2, args.max_workers)) if args.quick else (args.runs, args.max_workers)
+    counts = args.workers or list(range(1, (os.cpu_count() or 1) + 1))
+    runs, counts = (1, [n for n in counts if n <= 2]) if args.quick else (args.runs, counts)
     env = {k: v for k, v in os.environ.items() if k != "RAYON_NUM_THREADS"}
     lines = read_records(args.input)
     with tempfile.TemporaryDirectory() as tmp:
@@ -140,32 +154,32 @@ def main() -> int:
               f"[{min(startup):.2f}-{max(startup):.2f}]")
         digests, counter = set(), 0
         for layout, files in layouts.items():
-            medians = {}
-            for workers in range(1, max_workers + 1):
+            for workers in counts:
                 rows = {"ours": lambda out: ours(files, workers, out, args.tokenizer, env),
-                        "floor": lambda out: floor(files, workers, args.tokenizer, env)}
+                        "floor": lambda out: floor(files, workers, args.tokenizer, env,
+                                                   "encode_batch"),
+                        "fast-floor": lambda out: floor(files, workers, args.tokenizer, env,
+                                                        "encode_batch_fast")}
                 if args.megatron_lm:
                     rows["megatron-lm"] = lambda out: megatron(files, workers, out,
                                                                args.tokenizer, args.megatron_lm, env)
-                for name, run in rows.items():
-                    times = []
-                    for _ in range(runs):
+                times: dict[str, list[float]] = {name: [] for name in rows}
+                for _ in range(runs):   # the rows take turns, so drift in the machine's speed
+                    for name, run in rows.items():   # falls on each of them alike
                         counter += 1
                         out = f"{tmp}/out{counter}"
                         os.makedirs(out)
                         seconds, bytes_digest = run(out)
-                        times.append(seconds)
+                        times[name].append(seconds)
                         if bytes_digest:
                             digests.add(bytes_digest)
-                    medians[name, workers] = statistics.median(times)
+                for name in rows:
                     print(f"{layout:>9} | {name:<11} | {workers} worker(s) | "
-                          f"{medians[name, workers]:7.2f} s [{min(times):.2f}-{max(times):.2f}]")
-                line = f"{layout:>9} | {workers} worker(s): ours/floor " \
-                       f"{medians['ours', workers] / medians['floor', workers]:.2f}x"
-                if args.megatron_lm:
-                    line += (f", ours/megatron-lm "
-                             f"{medians['ours', workers] / medians['megatron-lm', workers]:.2f}x")
-                print(line)
+                          f"{statistics.median(times[name]):7.2f} s "
+                          f"[{min(times[name]):.2f}-{max(times[name]):.2f}]")
+                print(f"{layout:>9} | {workers} worker(s): " + ", ".join(
+                    f"ours/{name} {paired_ratio(times['ours'], times[name]):.2f}x"
+                    for name in rows if name != "ours"))
     same = len(digests) == 1
     print(f"every .bin and .idx byte-identical (ours at every layout and worker count"
           f"{', megatron-lm' if args.megatron_lm else ''}): {'yes' if same else 'NO'}")

@@ -65,7 +65,7 @@ def main() -> int:
     parser.add_argument("--split-size", type=float, metavar="MIB",
                         help="cut plain JSON-lines files into byte ranges of this many MiB (and "
                              "parquet into row-group runs); default: as this output directory "
-                             "was planned, else about 4 ranges per worker, 4-256 MiB")
+                             "was planned, else about 16 ranges per worker, 1-256 MiB")
     parser.add_argument("--task-index", type=int, default=int(os.environ.get(
                             "SLURM_ARRAY_TASK_ID", 0)),
                         help="run shards i, i+n, ... only (default $SLURM_ARRAY_TASK_ID or 0)")

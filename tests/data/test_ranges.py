@@ -14,7 +14,7 @@ import numpy
 import pytest
 
 from tests.conftest import subprocess_env
-from ultramem_megatron.data import indexed, tokenizer as tokenizer_module
+from ultramem_megatron.data import indexed, pipeline, tokenizer as tokenizer_module
 from ultramem_megatron.data.pipeline import run_pipeline
 from ultramem_megatron.data.sources import Shard, ShardReader, expand_sources
 from ultramem_megatron.data.writer import DataPrepError
@@ -55,6 +55,23 @@ def test_ranges_own_the_lines_that_start_in_them(tmp_path):
         parts = expand_sources(str(path), split)
         assert len(parts) == -(-size // split) and parts[-1].end == size
         assert [record for part in parts for record in ShardReader(part)] == whole, split
+
+
+def test_workers_start_with_the_largest_shards_and_ranges_are_short():
+    """What runs last, while the other workers idle, is short: the pool takes shards largest
+    first (ties in plan order), and a default split gives each worker about 16 ranges."""
+    sizes = [5, 90, 5, 30, 90, 0, 30]
+    pending = [("all", Shard(f"s{i}", "x.jsonl", size=size), f"p{i}")
+               for i, size in enumerate(sizes)]
+    order = [prefix for _, _, prefix in pipeline.longest_first(pending)]
+    assert order == ["p1", "p4", "p3", "p6", "p0", "p2", "p5"]
+    mib = pipeline.MIB
+    for plain, workers in ((45 * mib, 2), (3 * mib, 1), (10_000 * mib, 8), (10**7 * mib, 64)):
+        split = pipeline.default_split(plain, workers)
+        assert mib <= split <= 256 * mib and split % mib == 0
+        ranges = -(-plain // split)
+        assert ranges >= min(16 * workers, plain // mib), (plain, workers, ranges)
+        assert split == 256 * mib or ranges <= 2 * 16 * workers, (plain, workers, ranges)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -221,7 +238,7 @@ def test_ctrl_c_stops_two_workers_within_seconds(tmp_path, stop):
     for i in range(12):   # each about 2 s of work: a loaded machine cannot finish before the signal
         (pieces / f"part{i:02d}.jsonl").write_text("\n".join(4 * (lines[i:] + lines[:i])) + "\n")
     command = [sys.executable, "scripts/prepare_data.py", "--subset", f"all={pieces}/*.jsonl",
-               "--workers", "2", "--output-dir", str(tmp_path / "out")]
+               "--workers", "2", "--split-size", "1024", "--output-dir", str(tmp_path / "out")]
     # a shell's background job (`cmd &`) starts with SIGINT ignored, and its children inherit
     # that: this test must not depend on how the suite was launched
     process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,

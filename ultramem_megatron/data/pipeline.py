@@ -32,6 +32,7 @@ from .writer import (DataPrepError, DocumentStats, WriteOptions, bin_path, count
 MIB = 1 << 20
 PROBE_BYTES = 8 * MIB   # input read per subset to estimate its tokens (--max-tokens)
 PROBE_SHARDS = 8        # ... spread over this many of its shards
+RANGES_PER_WORKER = 16  # default split: the last ranges (running alone at the end) are short
 _WORKER = {}   # what a forked worker inherits: its tokenizer, options and progress counters
 
 
@@ -126,9 +127,9 @@ def _check_writable(out_dir: Path) -> None:
 
 
 def default_split(plain_bytes: int, workers: int) -> int:
-    """The byte size plain JSON-lines files are cut at unless asked: about four ranges per
-    worker, between 4 and 256 MiB."""
-    return min(256, max(4, plain_bytes // (4 * workers * MIB))) * MIB
+    """The byte size plain JSON-lines files are cut at unless asked: about RANGES_PER_WORKER
+    ranges per worker, between 1 and 256 MiB."""
+    return min(256, max(1, plain_bytes // (RANGES_PER_WORKER * workers * MIB))) * MIB
 
 
 def estimate_tokens(shards: list[Shard], tokenizer, options: WriteOptions) -> float:
@@ -304,6 +305,12 @@ def _run_tasks(pending: list, tokenizer, workers: int, options: WriteOptions, re
     return sorted(failures)
 
 
+def longest_first(pending: list) -> list:
+    """The pool's order: largest input first (ties in plan order), so what runs last, while the
+    other workers are done, is short. The output does not depend on it (merged in plan order)."""
+    return sorted(pending, key=lambda task: task[1].size, reverse=True)
+
+
 def _run_forked(pending: list, tokenizer, workers: int, options: WriteOptions,
                 counters: Counters, record, refresh) -> None:
     # fork: workers inherit the loaded tokenizer (nothing to import or load again); RAYON=1 keeps
@@ -314,7 +321,7 @@ def _run_forked(pending: list, tokenizer, workers: int, options: WriteOptions,
     context = get_context("fork")   # POSIX; workers read _WORKER from the parent
     pool = context.Pool(workers, initializer=_worker_init)
     try:
-        outcomes = pool.imap_unordered(_worker_task, pending)
+        outcomes = pool.imap_unordered(_worker_task, longest_first(pending))
         for _ in pending:
             while True:
                 try:
